@@ -1458,8 +1458,8 @@ class Webhook:
 
     def public(self) -> dict:
         """The config as the API shows it: secrets never leave."""
-        out = {k: v for k, v in self.config.items() if k not in ("secret", "previous_secrets")}
-        out["name"] = self.name
+        out = {"name": self.name}
+        out.update((k, v) for k, v in self.config.items() if k not in ("secret", "previous_secrets"))
         out["has_secret"] = bool(self.config.get("secret"))
         if self.config.get("secret"):
             out["secret"] = REDACTED
@@ -2191,8 +2191,11 @@ class Platforms:
         return earlier is not None
 
     def _answer(self, req: Request, platform: str, agent: AgentConfig, message: str, context: dict,
-                late: Callable[[str], None] | None, window: float | None = None) -> str | None:
-        """Run the agent; return its answer if it comes within the inline window, else None and pass it to ``late``."""
+                late: Callable[[str], None] | None, always_late: bool = False) -> str | None:
+        """Run the agent; return its answer if it comes within the inline window, else None and pass it to ``late``.
+
+        Without ``late`` (nowhere to send a late answer) the reply waits for the agent.
+        """
         delivery_id = req.info.setdefault("delivery_id", new_id())
         req.info["agent"] = agent.name
 
@@ -2203,7 +2206,7 @@ class Platforms:
             except HTTPError as e:
                 return f"Sorry, the agent could not answer ({e.message}; delivery {delivery_id})."
 
-        if window == 0:  # the answer always goes out later (Slack events, interactions)
+        if always_late:  # Slack events and interactions: the reply body is ignored
             req.info["outcome"] = "deferred"
             self.app.background.submit(lambda: late(run()))
             return None
@@ -2319,7 +2322,7 @@ class Platforms:
                    "user": event.get("user"), "ts": event.get("ts"), "event_id": doc.get("event_id")}
         thread = event.get("thread_ts") or event.get("ts")
         late = functools.partial(self._slack_post, event["channel"], thread)
-        self._answer(req, "slack", self._agent("slack_agent"), text, context, late, window=0)
+        self._answer(req, "slack", self._agent("slack_agent"), text, context, late, always_late=True)
         return Response.json(200, {"ok": True})
 
     def slack_interactive(self, req: Request) -> Response:
@@ -2347,7 +2350,7 @@ class Platforms:
                        "action_ids": [a.get("action_id") for a in actions if isinstance(a, dict)]}
             # Slack ignores the reply body of an interaction: the answer always goes to response_url
             late = functools.partial(self._slack_respond, payload.get("response_url"))
-            self._answer(req, "slack", agent, message, context, late, window=0)
+            self._answer(req, "slack", agent, message, context, late, always_late=True)
             return Response(200)
         if "command" in form:
             message = form.get("text", "").strip() or form["command"]
@@ -2783,6 +2786,10 @@ class App:
         except HTTPError as e:
             req.info.setdefault("outcome", e.code)
             return Response.error(e)
+        except DataFileError as e:
+            log.error("%s", e)
+            return Response.error(Unavailable(f"{os.path.basename(e.path)} is invalid and was not changed; "
+                                              "fix it (moxxy-webhooks check) and retry"))
         except Exception:
             log.exception("internal error on %s %s (request %s)", req.method, req.path, req.request_id)
             req.info["outcome"] = "internal_error"
