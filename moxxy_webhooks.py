@@ -388,6 +388,7 @@ class JsonFile:
         CLI) never lose each other's changes. ``change`` mutates the document
         in place and returns a result; the new document must compile.
         """
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         with file_lock(self.path):
             raw = self.read_raw()
             result = change(raw)
@@ -449,6 +450,10 @@ class Vault:
         if value is None or value == "":
             return default
         return resolve_reference(value, f"vault key '{key}'")
+
+    def networks(self, key: str) -> tuple:
+        """An allowlist setting parsed into networks (parsed once per value)."""
+        return _parse_networks_cached(self.get(key) or "", key)
 
     def setting(self, key: str) -> str:
         """Return a setting with its built-in default (``*_api_url`` keys and friends)."""
@@ -621,6 +626,11 @@ def parse_networks(value: str | list | None, field: str = "allowed_ips") -> tupl
     return tuple(nets)
 
 
+@functools.lru_cache(maxsize=64)
+def _parse_networks_cached(value: str, field: str) -> tuple:
+    return parse_networks(value, field)
+
+
 def _ip(address: str):
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if ip.version == 6 and ip.ipv4_mapped:
@@ -773,7 +783,7 @@ def lookup_path(scopes: Iterable[dict], segments: tuple) -> Any:
 
 # --- templates: {{ path | filter(args) }}, a tiny renderer that never runs code ---
 
-_TPL_TOKEN = re.compile(r"""\s*(?:(?P<str>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")|(?P<num>-?\d+)|(?P<name>[A-Za-z_][A-Za-z0-9_-]*|\d+)|(?P<punct>[.|(),]))""")
+_TPL_TOKEN = re.compile(r"""(?:(?P<str>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")|(?P<num>-?\d+)|(?P<name>[A-Za-z_][A-Za-z0-9_-]*|\d+)|(?P<punct>[.|(),]))""")
 
 
 def _unquote(token: str) -> str:
@@ -828,11 +838,13 @@ class Template:
     def _parse_expr(source: str, start: int, end: int, field: str) -> tuple:
         tokens, pos = [], start
         while pos < end:
-            if source[pos:end].strip() == "":
+            while pos < end and source[pos].isspace():
+                pos += 1
+            if pos == end:
                 break
             m = _TPL_TOKEN.match(source, pos, end)
             if not m:
-                raise ConfigError(field, f"unexpected character {source[pos:pos+1].strip() or source[pos]!r} at position {pos + 1}")
+                raise ConfigError(field, f"unexpected character {source[pos]!r} at position {pos + 1}")
             kind = m.lastgroup
             tokens.append((kind, m.group(kind), m.start(kind) + 1))
             pos = m.end()
@@ -1387,7 +1399,7 @@ class AgentConfig:
 
 def validate_agent(name: str, cfg: Any) -> AgentConfig:
     """Validate one agent config (SPEC section 4); raise ConfigError naming the field."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ConfigError("name", f"{name!r} must match {NAME_RE.pattern}")
     if not isinstance(cfg, dict):
         raise ConfigError(f"agents.{name}", "must be an object")
@@ -1474,7 +1486,7 @@ def validate_webhook(name: str, cfg: Any, agents: dict) -> Webhook:
     """Validate and compile one webhook config (SPEC section 8); ConfigError names field and position."""
     if not isinstance(cfg, dict):
         raise BadRequest("the webhook config must be a JSON object")
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ConfigError("name", f"{name!r} must be 1-64 characters of a-z, 0-9, '-' and '_', starting with a letter or digit")
     if name in RESERVED_NAMES:
         raise Conflict(f"'{name}' is a reserved name ({', '.join(sorted(RESERVED_NAMES))})")
@@ -1555,13 +1567,17 @@ class Config:
     agents: dict
 
 
-def compile_config(raw: dict) -> Config:
-    """Validate and compile ``webhooks.json``; ConfigError names the webhook or agent and field."""
+def config_sections(raw: dict) -> tuple[dict, dict]:
+    """Check the top level of ``webhooks.json``; return its (agents, webhooks) objects."""
     if raw.get("version", 1) != 1:
         raise ConfigError("version", f"unsupported version {raw.get('version')!r} (this build reads version 1)")
     _check_keys(raw, {"version", "webhooks", "agents"}, "")
-    agents_raw = _expect(raw, "agents", dict, "agents", default={})
-    webhooks_raw = _expect(raw, "webhooks", dict, "webhooks", default={})
+    return (_expect(raw, "agents", dict, "agents", default={}), _expect(raw, "webhooks", dict, "webhooks", default={}))
+
+
+def compile_config(raw: dict) -> Config:
+    """Validate and compile ``webhooks.json``; ConfigError names the webhook or agent and field."""
+    agents_raw, webhooks_raw = config_sections(raw)
     agents = {"default": validate_agent("default", BUILTIN_DEFAULT_AGENT)}
     for name, cfg in agents_raw.items():
         try:
@@ -1907,6 +1923,8 @@ class DeliveryLog:
         self._committed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._recent: dict = {}  # (webhook, key) -> (delivery_id, seen_at): claims not yet readable in the DB
+        self._unwritten: dict = {}  # id -> row of a sync delivery's record still on its way to the disk
+        self.linger = 0.01
         self._claim_lock = threading.Lock()
 
     # writing
@@ -1938,13 +1956,18 @@ class DeliveryLog:
         conn = connect_db(self.path)
         last_prune = 0.0
         while True:
-            op = self._ops.get()
-            batch = [op]
+            batch = [self._ops.get()]
+            # Nobody waits on records of sync deliveries: let them gather for a few ms so that
+            # one commit (one fsync) carries many. An async job's insert is committed at once.
+            linger = time.monotonic() + self.linger
             while len(batch) < 1024:
+                waited = any(o is None or o[2] is not None for o in batch)
                 try:
-                    batch.append(self._ops.get_nowait())
+                    batch.append(self._ops.get_nowait() if waited else
+                                 self._ops.get(timeout=max(0.0, linger - time.monotonic())))
                 except queue.Empty:
-                    break
+                    if waited or time.monotonic() >= linger:
+                        break
             stop = any(o is None for o in batch)
             batch = [o for o in batch if o is not None]
             if batch:
@@ -1976,6 +1999,8 @@ class DeliveryLog:
                 op[3] = error
             if op[2]:
                 op[2].set()
+            if op[0] is INSERT_DELIVERY:
+                self._unwritten.pop(op[1]["id"], None)
         with self._committed:
             self._commits += 1
             self._committed.notify_all()
@@ -1992,6 +2017,8 @@ class DeliveryLog:
 
     def insert(self, wait: bool = False, **fields) -> dict:
         row = delivery_row(**fields)
+        if not wait and self._thread is not None:
+            self._unwritten[row["id"]] = row
         self.write(INSERT_DELIVERY, row, wait=wait)
         return row
 
@@ -2004,9 +2031,9 @@ class DeliveryLog:
         with self._read_lock:
             return self._reader.execute(sql, params).fetchall()
 
-    def get(self, delivery_id: str) -> sqlite3.Row | None:
+    def get(self, delivery_id: str) -> sqlite3.Row | dict | None:
         rows = self.query("SELECT * FROM deliveries WHERE id = ?", (delivery_id,))
-        return rows[0] if rows else None
+        return rows[0] if rows else self._unwritten.get(delivery_id)
 
     def list(self, webhook: str | None = None, status: str | None = None, limit: int = 50) -> list[dict]:
         sql, params = "SELECT * FROM deliveries WHERE 1=1", []
@@ -2132,11 +2159,15 @@ def cut_text(text: str, limit: int) -> str:
 
 def host_allowed(url: str, hosts: str) -> bool:
     """Say whether a URL's host (or host:port) is one of the comma-separated hosts."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:  # e.g. a malformed IPv6 literal
+        return False
+    if parts.scheme not in ("http", "https") or not hostname:
         return False
     allowed = {h.strip().lower() for h in hosts.split(",") if h.strip()}
-    return parts.hostname.lower() in allowed or parts.netloc.lower() in allowed
+    return hostname.lower() in allowed or parts.netloc.lower() in allowed
 
 
 def discord_message(interaction: dict) -> str:
@@ -2152,9 +2183,9 @@ def discord_message(interaction: dict) -> str:
     def flatten(options: list) -> list[str]:
         out = []
         for opt in options or []:
-            if "options" in opt and "value" not in opt:
+            if opt.get("type") in (1, 2) or ("options" in opt and "value" not in opt):  # (sub)command group
                 out.append(str(opt.get("name")))
-                out.extend(flatten(opt["options"]))
+                out.extend(flatten(opt.get("options")))
             else:
                 out.append(f"{opt.get('name')}={opt.get('value')}")
         return out
@@ -2454,7 +2485,7 @@ class Request:
         self.path = parts.path or "/"
         self.query = {k: v[0] for k, v in urllib.parse.parse_qs(parts.query, keep_blank_values=True).items()}
         rid = self.headers.get("x-request-id", "")
-        self.request_id = self.request_id or (rid if REQUEST_ID_RE.match(rid) else secrets.token_hex(8))
+        self.request_id = self.request_id or (rid if REQUEST_ID_RE.fullmatch(rid) else secrets.token_hex(8))
 
     def json(self, allow_form: bool = False, empty: Any = None) -> Any:
         """Parse the body as JSON whatever the Content-Type says (curl -d sends a form type).
@@ -2756,7 +2787,7 @@ class App:
         if kind in ("generic", "named", "platform"):
             if kind == "generic" and (self.vault.get("generic_enabled") or "").lower() == "false":
                 raise NotFound("the generic webhook is turned off (vault generic_enabled=false)")
-            if not ip_allowed(req.client_ip, parse_networks(self.vault.get("webhook_allowed_ips"), "webhook_allowed_ips")):
+            if not ip_allowed(req.client_ip, self.vault.networks("webhook_allowed_ips")):
                 raise Forbidden(f"client {req.client_ip} is not in webhook_allowed_ips")
             if kind == "named":
                 wh = self._webhook(req.params["name"])
@@ -3901,23 +3932,30 @@ def test_webhook(state: CliState, name: str, payload_file, header: tuple) -> Non
 def check(state: CliState) -> None:
     """Validate the data directory: files, vault references, agents, webhooks."""
     problems = []
-    raw: dict = {}
+    agents_raw: dict = {}
+    webhooks_raw: dict = {}
     try:
-        raw = state.store.read_raw()
+        agents_raw, webhooks_raw = config_sections(state.store.read_raw())
     except DataFileError as e:
         problems.append(str(e))
+    except ConfigError as e:
+        problems.append(f"{state.paths.webhooks}: {e.message}")
     agents = {"default": True}
-    for name, cfg in (raw.get("agents") or {}).items():
+    for name, cfg in agents_raw.items():
         try:
             agent = validate_agent(name, cfg)
             agents[name] = True
-            if agent.kind == "command" and not shutil.which(cfg["argv"][0]):
-                problems.append(f"agent '{name}': command {cfg['argv'][0]!r} is not on PATH")
-            for ref in references_in(cfg):
-                resolve_reference(ref, f"agent '{name}' reference {ref}")
         except HTTPError as e:
             problems.append(f"agent '{name}': {e.message}")
-    for name, cfg in (raw.get("webhooks") or {}).items():
+            continue
+        if agent.kind == "command" and not shutil.which(cfg["argv"][0]):
+            problems.append(f"agent '{name}': command {cfg['argv'][0]!r} is not on PATH")
+        for ref in references_in(cfg):
+            with contextlib.suppress(VaultError):
+                resolve_reference(ref, f"agent '{name}'")
+                continue
+            problems.append(f"agent '{name}': {ref} does not resolve")
+    for name, cfg in webhooks_raw.items():
         try:
             validate_webhook(name, cfg, agents)
         except HTTPError as e:
@@ -3938,7 +3976,7 @@ def check(state: CliState) -> None:
         for p in problems:
             click.echo(f"problem: {p}", err=True)
         raise click.exceptions.Exit(1)
-    click.echo(f"ok: {state.paths.root} ({len(raw.get('webhooks') or {})} webhooks, {len(agents)} agents)")
+    click.echo(f"ok: {state.paths.root} ({len(webhooks_raw)} webhooks, {len(agents)} agents)")
 
 
 def _server_url(state: CliState, url: str | None) -> str:
