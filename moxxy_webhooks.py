@@ -453,7 +453,11 @@ class Vault:
 
     def networks(self, key: str) -> tuple:
         """An allowlist setting parsed into networks (parsed once per value)."""
-        return _parse_networks_cached(self.get(key) or "", key)
+        try:
+            return _parse_networks_cached(self.get(key) or "", key)
+        except ConfigError as e:  # fail closed: a broken allowlist must not let everyone in
+            log.error("vault key '%s' is invalid: %s", key, e.message)
+            raise VaultError(f"vault key '{key}' is not a valid list of IPs/CIDRs (see the server log)") from None
 
     def setting(self, key: str) -> str:
         """Return a setting with its built-in default (``*_api_url`` keys and friends)."""
@@ -2061,6 +2065,13 @@ class DeliveryLog:
                 self._committed.wait_for(lambda: self._commits != seen, left)
 
     # dedupe
+    def release(self, webhook: str, key: str, delivery_id: str) -> None:
+        """Forget a claim whose request was refused, so that the sender's retry runs."""
+        with self._claim_lock:
+            if self._recent.get((webhook, key), (None,))[0] == delivery_id:
+                del self._recent[(webhook, key)]
+        self.write("DELETE FROM seen WHERE webhook = ? AND key = ? AND delivery_id = ?", (webhook, key, delivery_id))
+
     def claim(self, webhook: str, key: str, delivery_id: str) -> sqlite3.Row | dict | None:
         """Claim a sender's delivery id; return the earlier delivery if it was seen within 24 h.
 
@@ -3088,22 +3099,33 @@ class App:
         if req.headers.get("x-github-event") == "ping":
             req.info["outcome"] = "pong"
             return Response.json(200, {"success": True, "pong": True, "zen": payload.get("zen")})
-        # dedupe
-        delivery_id = new_id()
-        key = next((req.headers[h] for h in DEDUPE_HEADERS if req.headers.get(h)), None)
-        if key:
-            earlier = self.deliveries.claim(wh.name, key[:200], delivery_id)
-            if earlier is not None:
-                req.info.update(outcome="duplicate", delivery_id=earlier["id"])
-                log.info("webhook %s: delivery %s repeats %s: not run again", wh.name, key[:200], earlier["id"])
-                return Response.json(200, {"success": True, "duplicate": True, "delivery_id": earlier["id"],
-                                           "status": earlier["status"], "response": earlier["response"]})
         mode = req.query.get("response_mode") or wh.response_mode
         if mode not in ("sync", "async"):
             raise BadRequest(f"response_mode must be 'sync' or 'async', not {mode!r}")
         agent = self._agent(wh.agent)
+        # dedupe
+        delivery_id = new_id()
+        key = next((req.headers[h][:200] for h in DEDUPE_HEADERS if req.headers.get(h)), None)
+        if key:
+            earlier = self.deliveries.claim(wh.name, key, delivery_id)
+            if earlier is not None:
+                req.info.update(outcome="duplicate", delivery_id=earlier["id"])
+                log.info("webhook %s: delivery %s repeats %s: not run again", wh.name, key, earlier["id"])
+                return Response.json(200, {"success": True, "duplicate": True, "delivery_id": earlier["id"],
+                                           "status": earlier["status"], "response": earlier["response"]})
+        try:
+            return self._deliver_items(req, wh, agent, payload, mode, delivery_id)
+        except HTTPError:
+            if key:  # refused (queue full, concurrency cap...): the sender's retry must run, not be a duplicate
+                self.deliveries.release(wh.name, key, delivery_id)
+            raise
+
+    def _deliver_items(self, req: Request, wh: Webhook, agent: AgentConfig, payload: dict, mode: str,
+                       delivery_id: str) -> Response:
+        """Map, filter, render and deliver each item of a payload (one unless ``transform.split``)."""
+        items = split_payload(wh, payload)
         results = []
-        for i, item in enumerate(split_payload(wh, payload)):
+        for i, item in enumerate(items):
             ev = evaluate_webhook(wh, item, req.headers, req.query)
             item_id = delivery_id if i == 0 else new_id()
             if ev.filtered:
@@ -3114,13 +3136,18 @@ class App:
                 results.append(Response.json(200, {"success": True, "filtered": True, "reason": ev.filtered,
                                                    "event": ev.event, "delivery_id": item_id}))
                 continue
-            results.append(self.deliver(req, webhook=wh.name, agent=agent, message=ev.message, context=ev.context,
-                                        mode=mode, delivery_id=item_id, event=ev.event, wh=wh))
+            try:
+                results.append(self.deliver(req, webhook=wh.name, agent=agent, message=ev.message, context=ev.context,
+                                            mode=mode, delivery_id=item_id, event=ev.event, wh=wh))
+            except (AgentFailed, AgentTimeout) as e:
+                if len(items) == 1:
+                    raise
+                results.append(Response.error(e))  # one failed item must not hide the others' answers
         if len(results) == 1:
             return results[0]
-        docs = [json.loads(r.body) for r in results]
         req.info["outcome"] = "split"
-        return Response.json(202 if mode == "async" else 200, {"success": True, "deliveries": docs})
+        return Response.json(202 if mode == "async" else 200,
+                             {"success": True, "deliveries": [json.loads(r.body) for r in results]})
 
     # --- admin: webhooks ---
 

@@ -136,11 +136,12 @@ def recorded(gw: Gateway, delivery_id: str) -> dict:
 
 
 def flush_delivery_log(gw: Gateway) -> None:
-    """Return once every delivery recorded so far is readable through the API.
+    """Return once every delivery recorded so far is on disk (so the delivery lists show it too).
 
-    A sync delivery's record is written after its reply goes out, but an async job is committed
-    before its 202 (SPEC section 10) and the log commits in order: one accepted async job is a
-    barrier for every record queued before it. It stands for "the sender retries later".
+    A sync delivery's record reaches the disk a little after its reply (records are batched), but
+    an async job is committed before its 202 (SPEC section 10) and the log commits in order: one
+    accepted async job is a barrier for every record queued before it. It stands for "the sender
+    retries later"; test_an_immediate_repeat_... covers the sender that retries at once.
     """
     status, _, body = gw.generic({"message": "barrier", "response_mode": "async"})
     assert status == 202, body

@@ -51,7 +51,8 @@ def recorder():
         s.server_close()
 
 
-SLOW_AGENT = {"kind": "command", "argv": [PY, "-c", "import time,sys; time.sleep(0.6); print('slow:'+sys.stdin.read())"]}
+SLOW_AGENT = {"kind": "command",
+              "argv": [PY, "-c", "import time,sys; time.sleep(0.6); print('slow:'+sys.stdin.read())"]}
 FAILING_AGENT = {"kind": "command",
                  "argv": [PY, "-c", "import sys; sys.stderr.write('stderr-detail-xyz'); sys.exit(1)"]}
 TIMEOUT_AGENT = {"kind": "command", "argv": [PY, "-c", "import time; time.sleep(30)"], "timeout": 0.3}
@@ -182,8 +183,9 @@ def discord(gw: Gateway, key: Ed25519PrivateKey, doc, *, ts=None, body: bytes | 
             signature: str | None = None, drop: tuple = ()):
     raw = json.dumps(doc).encode() if body is None else body
     ts = str(int(time.time())) if ts is None else ts
-    headers = {"Content-Type": "application/json", "X-Signature-Timestamp": ts,
-               "X-Signature-Ed25519": key.sign(ts.encode() + json.dumps(doc).encode()).hex() if signature is None else signature}
+    if signature is None:
+        signature = key.sign(ts.encode() + json.dumps(doc).encode()).hex()
+    headers = {"Content-Type": "application/json", "X-Signature-Timestamp": ts, "X-Signature-Ed25519": signature}
     for name in drop:
         headers.pop(name)
     return gw.request("POST", "/api/webhooks/discord", headers=headers, raw=raw)
@@ -244,7 +246,8 @@ def test_platform_secret_reference_that_does_not_resolve_is_503_naming_the_key(g
     # an unresolved secret must fail closed, never act as an empty one (an empty header must not pass)
     empty = {"X-Telegram-Bot-Api-Secret-Token": "", "X-Slack-Signature": "", "X-Slack-Request-Timestamp": "",
              "X-Signature-Ed25519": "", "X-Signature-Timestamp": ""}
-    for path, key in [("/api/webhooks/telegram", "telegram_secret_token"), ("/api/webhooks/slack", "slack_signing_secret"),
+    for path, key in [("/api/webhooks/telegram", "telegram_secret_token"),
+                      ("/api/webhooks/slack", "slack_signing_secret"),
                       ("/api/webhooks/slack/interactive", "slack_signing_secret"),
                       ("/api/webhooks/discord", "discord_public_key")]:
         status, _, body = gw.request("POST", path, headers=empty, raw=b'{"type": 1}')
@@ -305,19 +308,19 @@ def test_telegram_message_from_a_bot_is_ignored(tg, tmp_path):
     assert runs(tmp_path / "runs") == []
 
 
-@pytest.mark.parametrize("update, text", [
+@pytest.mark.parametrize("update, chat_id, text", [
     ({"update_id": 40000, "edited_message": {"message_id": 1, "chat": {"id": 1111111, "type": "private"},
-                                             "from": {"id": 1111111, "is_bot": False}, "text": "edited"}}, "edited"),
+                                             "from": {"id": 1111111, "is_bot": False}, "text": "edited"}},
+     1111111, "edited"),
     ({"update_id": 40001, "channel_post": {"message_id": 2, "chat": {"id": -1001234567890, "type": "channel"},
-                                           "text": "a post"}}, "a post"),
+                                           "text": "a post"}},
+     -1001234567890, "a post"),
     ({"update_id": 40002, "callback_query": {"id": "4382bfdwdsb323b2d9", "data": "button-pressed",
                                              "from": {"id": 1111111, "is_bot": False},
                                              "message": {"message_id": 3, "chat": {"id": 1111111, "type": "private"}}}},
-     "button-pressed"),
+     1111111, "button-pressed"),
 ], ids=["edited_message", "channel_post", "callback_query"])
-def test_telegram_text_sources(tg, update, text):
-    chat = next(v for k, v in update.items() if k != "update_id")
-    chat_id = (chat.get("chat") or chat["message"]["chat"])["id"]
+def test_telegram_text_sources(tg, update, chat_id, text):
     status, _, body = telegram(tg, update)
     assert (status, body) == (200, {"method": "sendMessage", "chat_id": chat_id, "text": text})
 
@@ -399,14 +402,15 @@ def test_slack_missing_signature_headers_is_401(configured, drop):
 def test_slack_current_timestamp_with_wrong_secret_is_401(configured):
     body = json.dumps({"type": "url_verification", "challenge": "abc"}).encode()
     ts = int(time.time())
-    status, _, reply = slack(configured, "/api/webhooks/slack", body, ts=ts, signature=slack_sign(body, ts, "another-secret"),
-                             form=False)
+    status, _, reply = slack(configured, "/api/webhooks/slack", body, ts=ts, form=False,
+                             signature=slack_sign(body, ts, "another-secret"))
     assert status == 401 and reply["code"] == "unauthorized"
 
 
 def test_slack_url_verification_returns_the_challenge(configured):
     challenge = "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"
-    body = json.dumps({"token": "Jhj5dZrVaK7ZwHHjRyZWjbDl", "challenge": challenge, "type": "url_verification"}).encode()
+    body = json.dumps({"token": "Jhj5dZrVaK7ZwHHjRyZWjbDl", "challenge": challenge,
+                       "type": "url_verification"}).encode()
     status, _, reply = slack(configured, "/api/webhooks/slack", body, form=False)
     assert status == 200
     assert reply == challenge or reply == {"challenge": challenge}
@@ -565,7 +569,8 @@ def test_slack_interactive_body_neither_command_nor_payload_is_400(configured):
 
 
 def test_discord_ping_is_answered_with_type_1(configured):
-    status, headers, body = discord(configured, configured.discord_key, {"type": 1, "id": "1", "application_id": "775799577604522054"})
+    ping = {"type": 1, "id": "786008729715212300", "application_id": "775799577604522054", "version": 1}
+    status, headers, body = discord(configured, configured.discord_key, ping)
     assert status == 200
     assert headers["content-type"] == "application/json"
     assert body == {"type": 1}
@@ -617,8 +622,8 @@ def test_discord_repeated_interaction_id_runs_the_agent_once(dc, discord_key, tm
 
 def test_discord_answer_over_2000_chars_is_cut(dc, discord_key):
     long_value = " ".join(f"w{i:04d}" for i in range(700))  # ~4200 characters
-    doc = interaction(id="786008729715212339",
-                      data={"type": 1, "name": "say", "id": "1", "options": [{"type": 3, "name": "text", "value": long_value}]})
+    doc = interaction(id="786008729715212339", data={"type": 1, "name": "say", "id": "1",
+                                                     "options": [{"type": 3, "name": "text", "value": long_value}]})
     status, _, body = discord(dc, discord_key, doc)
     assert status == 200 and body["type"] == 4
     content = body["data"]["content"]
@@ -678,7 +683,7 @@ def test_discord_autocomplete_gets_type_8_with_no_choices(dc, discord_key, tmp_p
 def _telegram_request(gw, rec):
     gw.vault_set("telegram_secret_token", TG_SECRET)
     status, _, body = telegram(gw, TG_SAMPLE)
-    return status, lambda: body["text"] if body.get("method") == "sendMessage" and body.get("chat_id") == 1111111 else None
+    return status, lambda: body["text"] if body.get("method") == "sendMessage" and body["chat_id"] == 1111111 else None
 
 
 def _slack_event_request(gw, rec):
