@@ -2217,9 +2217,6 @@ class Platforms:
             raise NotConfigured(f"{platform} is not configured (set vault key {key})")
         return value
 
-    def _agent(self, key: str) -> AgentConfig:
-        return self.app._agent(self.vault.get(key) or "default")
-
     def _ignored(self, req: Request, why: str, body: Any = None) -> Response:
         req.info["outcome"] = "ignored"
         log.info("%s: ignored: %s", req.info.get("webhook"), why)
@@ -2232,14 +2229,25 @@ class Platforms:
             log.info("%s: %s already seen (delivery %s): not run again", platform, key, earlier["id"])
         return earlier is not None
 
-    def _answer(self, req: Request, platform: str, agent: AgentConfig, message: str, context: dict,
+    def _answer(self, req: Request, platform: str, agent_key: str, message: str, context: dict,
                 late: Callable[[str], None] | None, always_late: bool = False) -> str | None:
-        """Run the agent; return its answer if it comes within the inline window, else None and pass it to ``late``.
+        """Run the vault's agent for the platform; return its answer if it comes within the inline window,
+        else None and pass it to ``late``.
 
         Without ``late`` (nowhere to send a late answer) the reply waits for the agent.
         """
         delivery_id = req.info.setdefault("delivery_id", new_id())
-        req.info["agent"] = agent.name
+        name = self.vault.get(agent_key) or "default"
+        req.info["agent"] = name
+        agent = self.app.config().agents.get(name)
+        if agent is None:  # the operator's mistake, not the sender's: still a 2xx, and say so in the chat
+            log.error("%s: vault key %s names unknown agent '%s'", platform, agent_key, name)
+            req.info["outcome"] = "agent_failed"
+            answer = f"Sorry, this bot is not set up right: agent '{name}' does not exist."
+            if always_late:
+                self.app.background.submit(late, answer)
+                return None
+            return answer
 
         def run() -> str:
             try:
@@ -2290,15 +2298,16 @@ class Platforms:
                    "message_id": source.get("message_id")}
         token = self.vault.get("telegram_bot_token")
         send = functools.partial(self._telegram_send, token, chat_id) if token else None
-        answer = self._answer(req, "telegram", self._agent("telegram_agent"), text, context, send)
+        answer = self._answer(req, "telegram", "telegram_agent", text, context, send)
         if answer is None:
             return Response.json(200, {})
         first, *rest = split_text(answer or "(empty answer)", 4096)
+        if rest and send:
+            # every piece through the Bot API, in order (an inline first piece could arrive after the rest)
+            self.app.background.submit(send, answer)
+            return Response.json(200, {})
         if rest:
-            if send:
-                self.app.background.submit(lambda: [self._telegram_send(token, chat_id, piece) for piece in rest])
-            else:
-                log.warning("telegram: answer cut to 4096 characters (set telegram_bot_token to send the rest)")
+            log.warning("telegram: answer cut to 4096 characters (set telegram_bot_token to send the rest)")
         return Response.json(200, {"method": "sendMessage", "chat_id": chat_id, "text": first})
 
     def _telegram_send(self, token: str, chat_id: Any, text: str) -> None:
@@ -2364,7 +2373,7 @@ class Platforms:
                    "user": event.get("user"), "ts": event.get("ts"), "event_id": doc.get("event_id")}
         thread = event.get("thread_ts") or event.get("ts")
         late = functools.partial(self._slack_post, event["channel"], thread)
-        self._answer(req, "slack", self._agent("slack_agent"), text, context, late, always_late=True)
+        self._answer(req, "slack", "slack_agent", text, context, late, always_late=True)
         return Response.json(200, {"ok": True})
 
     def slack_interactive(self, req: Request) -> Response:
@@ -2372,7 +2381,6 @@ class Platforms:
         req.info["webhook"] = "slack"
         self._slack_verify(req)
         form = {k: v[0] for k, v in urllib.parse.parse_qs(req.body.decode("utf-8", "replace"), keep_blank_values=True).items()}
-        agent = self._agent("slack_agent")
         if "payload" in form:
             try:
                 payload = json.loads(form["payload"])
@@ -2392,14 +2400,14 @@ class Platforms:
                        "action_ids": [a.get("action_id") for a in actions if isinstance(a, dict)]}
             # Slack ignores the reply body of an interaction: the answer always goes to response_url
             late = functools.partial(self._slack_respond, payload.get("response_url"))
-            self._answer(req, "slack", agent, message, context, late, always_late=True)
+            self._answer(req, "slack", "slack_agent", message, context, late, always_late=True)
             return Response(200)
         if "command" in form:
             message = form.get("text", "").strip() or form["command"]
             context = {"platform": "slack", "command": form["command"], "user": form.get("user_id"),
                        "channel": form.get("channel_id"), "team_id": form.get("team_id")}
             late = functools.partial(self._slack_respond, form.get("response_url"))
-            answer = self._answer(req, "slack", agent, message, context, late)
+            answer = self._answer(req, "slack", "slack_agent", message, context, late)
             if answer is None:
                 return Response(200)
             return Response.json(200, {"response_type": "in_channel", "text": answer or "(empty answer)"})
@@ -2432,7 +2440,7 @@ class Platforms:
         context = {"platform": "discord", "interaction_id": doc.get("id"), "guild_id": doc.get("guild_id"),
                    "channel_id": doc.get("channel_id"), "user_id": user.get("id"), "username": user.get("username")}
         late = functools.partial(self._discord_edit, doc.get("application_id"), doc.get("token"))
-        answer = self._answer(req, "discord", self._agent("discord_agent"), discord_message(doc), context, late)
+        answer = self._answer(req, "discord", "discord_agent", discord_message(doc), context, late)
         if answer is None:
             return Response.json(200, {"type": 5})
         return Response.json(200, {"type": 4, "data": {"content": cut_text(answer or "(empty answer)", 2000)}})
@@ -3445,6 +3453,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:
         log.debug("%s %s", self.client_address[0], format % args)
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Answer a request the stdlib could not parse (bad request line, huge headers) with our JSON error."""
+        phrase = http.HTTPStatus(code).phrase
+        body = json.dumps({"success": False, "error": f"{message or phrase}: fix the HTTP request",
+                           "code": "invalid_request" if code < 500 else "unavailable"}).encode()
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.wfile.write((f"HTTP/1.1 {code} {phrase}\r\nContent-Type: application/json\r\n"
+                              f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body)
+        log.info("client=%s status=%d outcome=bad_http %s", self.client_address[0], code, message or phrase)
+
     def _serve(self) -> None:
         started = time.perf_counter()
         app: App = self.server.app
@@ -3456,6 +3475,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         raw_length = headers.get("content-length")
         try:
+            if len(set(self.headers.get_all("content-length") or ())) > 1:
+                self.close_connection = True  # RFC 9112 section 6.3: differing lengths are a smuggling attempt
+                raise BadRequest("several different Content-Length headers")
             if raw_length is not None and not raw_length.strip().isdigit():
                 self.close_connection = True
                 raise BadRequest(f"Content-Length {raw_length!r} is not a number")
