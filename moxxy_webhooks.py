@@ -3623,7 +3623,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.shutdown()
         deadline = time.monotonic() + grace
         while self.active() and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.01)
         self.server_close()
 
 

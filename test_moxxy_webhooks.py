@@ -121,7 +121,7 @@ class Gateway:
         self.app = mw.App(self.paths, mw.Options(**options))
         self.app.start()
         self.server = mw.Server(self.app)
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
         self.thread.start()
         self.port = self.server.server_address[1]
         self.secret = self.app.vault.get("webhook_secret")
