@@ -5,8 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${1:-10s}
 PY=${PYTHON:-python3}
-tmp=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$tmp"' EXIT
+tmp=$(mktemp -d); pids=()
+trap 'kill "${pids[@]}" 2>/dev/null; rm -rf "$tmp"' EXIT
 mw() { $PY moxxy_webhooks.py --data-dir "$tmp/data" "$@"; }
+for port in 18901 18902 18903; do
+  if (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null; then echo "port $port is already in use"; exit 1; fi
+done
 wait_port() { for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.05; done; echo "port $1 not up"; exit 1; }
 run_wrk() { # name url threads connections [extra env]
   echo "== $1 (-t$3 -c$4, $D)"
@@ -16,10 +20,11 @@ run_wrk() { # name url threads connections [extra env]
 mw vault set webhook_secret bench-secret >/dev/null
 mw vault set admin_token bench-admin >/dev/null
 mw agent add echo-cmd --command '/bin/echo {message}' --generic >/dev/null
-mw serve --port 18901 --rate-limit off --log-level warning --queue-size 100000 --workers 4 2>"$tmp/serve.log" &
-$PY bench/baseline_server.py 18902 bench-secret &
+$PY moxxy_webhooks.py --data-dir "$tmp/data" serve --port 18901 --rate-limit off --log-level warning \
+  --queue-size 100000 --workers 4 2>"$tmp/serve.log" & pids+=($!)
+$PY bench/baseline_server.py 18902 bench-secret 2>/dev/null & pids+=($!)
 printf '[{"id": "echo", "execute-command": "/bin/echo", "include-command-output-in-response": true,\n  "pass-arguments-to-command": [{"source": "payload", "name": "message"}]}]\n' > "$tmp/hooks.json"
-webhook -hooks "$tmp/hooks.json" -ip 127.0.0.1 -port 18903 >/dev/null 2>&1 &
+webhook -hooks "$tmp/hooks.json" -ip 127.0.0.1 -port 18903 >/dev/null 2>&1 & pids+=($!)
 wait_port 18901; wait_port 18902; wait_port 18903
 
 export HEADERS="X-Webhook-Secret: bench-secret|Content-Type: application/json"
