@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import contextlib
 import dataclasses
 import concurrent.futures
@@ -431,7 +432,7 @@ def is_reference(value: Any) -> bool:
 
 def resolve_reference(value: str, what: str) -> str:
     """Resolve a ``${env:}``/``${file:}`` reference; fail closed (VaultError) if it does not."""
-    m = _REF_RE.match(value) if isinstance(value, str) else None
+    m = _REF_RE.match(value) if isinstance(value, str) and value.startswith("${") else None
     if not m:
         return value
     kind, target = m.groups()
@@ -1953,6 +1954,7 @@ class DeliveryLog:
         self._recent: dict = {}  # (webhook, key) -> (delivery_id, seen_at): claims not yet readable in the DB
         self._unwritten: dict = {}  # id -> row of a sync delivery's record still on its way to the disk
         self.linger = 0.01
+        self._urgent = threading.Event()
         self._claim_lock = threading.Lock()
 
     # writing
@@ -1963,6 +1965,7 @@ class DeliveryLog:
     def stop(self) -> None:
         if self._thread:
             self._ops.put(None)
+            self._urgent.set()
             self._thread.join(10)
             self._thread = None
 
@@ -1976,6 +1979,7 @@ class DeliveryLog:
         op = [sql, params, done, None]
         self._ops.put(op)
         if done:
+            self._urgent.set()
             done.wait()
             if op[3]:
                 raise Unavailable(f"the delivery log could not be written: {op[3]}", headers={"Retry-After": "5"})
@@ -1986,18 +1990,16 @@ class DeliveryLog:
         while True:
             batch = [self._ops.get()]
             # Nobody waits on records of sync deliveries: let them gather for a few ms so that
-            # one commit (one fsync) carries many. An async job's insert is committed at once.
-            linger = time.monotonic() + self.linger
-            urgent = batch[0] is None or batch[0][2] is not None
+            # one commit (one fsync) carries many, without waking this thread for each one.
+            # An async job's insert (someone waits for it) or a stop ends the wait at once.
+            if batch[0] is not None and batch[0][2] is None:
+                self._urgent.wait(self.linger)
+            self._urgent.clear()
             while len(batch) < 1024:
                 try:
-                    op = self._ops.get_nowait() if urgent else self._ops.get(timeout=max(0.0, linger - time.monotonic()))
+                    batch.append(self._ops.get_nowait())
                 except queue.Empty:
-                    if urgent or time.monotonic() >= linger:
-                        break
-                    continue
-                batch.append(op)
-                urgent = urgent or op is None or op[2] is not None
+                    break
             stop = any(o is None for o in batch)
             batch = [o for o in batch if o is not None]
             if batch:
@@ -2526,9 +2528,10 @@ class Request:
     info: dict = dataclasses.field(default_factory=dict)  # webhook, agent, outcome, delivery_id: for the log line
 
     def __post_init__(self):
-        parts = urllib.parse.urlsplit(self.target)
-        self.path = parts.path or "/"
-        self.query = {k: v[0] for k, v in urllib.parse.parse_qs(parts.query, keep_blank_values=True).items()}
+        path, _, query = self.target.partition("?")
+        self.path = urllib.parse.urlsplit(path).path or "/" if "://" in path else path or "/"
+        if query:
+            self.query = {k: v[0] for k, v in urllib.parse.parse_qs(query, keep_blank_values=True).items()}
         rid = self.headers.get("x-request-id", "")
         self.request_id = self.request_id or (rid if REQUEST_ID_RE.fullmatch(rid) else new_id()[:16])
 
@@ -2615,7 +2618,7 @@ class Metrics:
         with self._lock:
             self.deliveries[status] = self.deliveries.get(status, 0) + 1
             if seconds is not None:
-                self.latency[next((i for i, b in enumerate(self.BUCKETS) if seconds <= b), len(self.BUCKETS))] += 1
+                self.latency[bisect.bisect_left(self.BUCKETS, seconds)] += 1
                 self.latency_sum += seconds
 
     def render(self, queue_depth: int) -> str:
@@ -2736,6 +2739,7 @@ class App:
                                                                 thread_name_prefix="background")
         self.platforms = Platforms(self)
         self.routes = self._route_table()
+        self._static = {(r.method, r.pattern.pattern): r for r in self.routes if "(" not in r.pattern.pattern}
 
     # --- lifecycle ---
 
@@ -2811,6 +2815,10 @@ class App:
 
     def match(self, req: Request) -> None:
         """Find the route (404, or 405 with Allow) and fill ``req.route``/``req.params``."""
+        route = self._static.get((req.method, req.path))
+        if route:
+            req.route = route
+            return
         allowed = []
         for route in self.routes:
             m = route.pattern.fullmatch(req.path)
@@ -3585,6 +3593,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         app: App = self.server.app
         route = req.route.name if req.route else "unmatched"
         app.metrics.request(route, resp.status)
+        if not access_log.isEnabledFor(logging.INFO):
+            return
         fields = {"request_id": req.request_id, "client": req.client_ip, "method": req.method, "path": req.path,
                   "status": resp.status, "outcome": req.info.get("outcome", "ok" if resp.status < 400 else "error"),
                   "duration_ms": round((time.perf_counter() - started) * 1000, 3)}
@@ -3593,8 +3603,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 fields[key] = req.info[key]
         if app.options.log_bodies and req.body:
             fields["body"] = req.body[:4096].decode("utf-8", "replace")
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})
+        access_log.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})
 
 
 class Server(http.server.ThreadingHTTPServer):
