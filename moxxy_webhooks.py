@@ -36,6 +36,7 @@ import functools
 import hashlib
 import heapq
 import hmac
+import itertools
 import http.client
 import http.server
 import ipaddress
@@ -2028,11 +2029,13 @@ class DeliveryLog:
         error = None
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for op in batch:
+            for sql, group in itertools.groupby(batch, key=lambda op: op[0]):
+                group = list(group)
                 try:
-                    conn.execute(op[0], op[1])
+                    conn.executemany(sql, [op[1] for op in group])
                 except sqlite3.IntegrityError as e:
-                    op[3] = str(e)
+                    for op in group:
+                        op[3] = str(e)
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             error = str(e)
@@ -2760,6 +2763,8 @@ class App:
         """Load the data directory (refusing bad files), generate secrets, recover queued jobs, start workers."""
         self.paths.ensure()
         self.store.current(strict=True)
+        if not os.path.exists(self.paths.webhooks):  # so that users find it, and stat() finds it cheaply
+            self.store.update(lambda doc: None)
         made = self.vault.ensure_generated(["webhook_secret", "admin_token"])
         self.deliveries = DeliveryLog(self.paths.db, self.options.retention)
         self.deliveries.start()
@@ -3464,14 +3469,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
     busy = False
 
     def setup(self) -> None:
-        self.timeout = self.server.options.idle_timeout
+        # Sockets stay blocking: every timeout is a deadline the server's watchdog enforces
+        # by shutting the socket down. A socket timeout would add a poll() before each
+        # recv and send, and each system call is a GIL hand-off between busy threads.
+        self.timeout = None
         super().setup()
+        self.deadline = time.monotonic() + self.server.options.request_timeout
+        self.server.track(self, True)
         if isinstance(self.connection, ssl.SSLSocket):
             # the handshake runs here, in the connection's thread, never in the accept loop
-            self.connection.settimeout(self.server.options.request_timeout)
             self.connection.do_handshake()
-            self.connection.settimeout(self.timeout)
-        self.server.track(self, True)
 
     def finish(self) -> None:
         self.server.track(self, False)
@@ -3480,8 +3487,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         options = self.server.options
-        # the whole request (line, headers, body) must arrive within the deadline, however slowly it trickles
-        self.deadline = time.monotonic() + options.idle_timeout + options.request_timeout
+        self.deadline = time.monotonic() + options.idle_timeout  # an idle keep-alive connection
         try:
             line = self.rfile.readline(65537)
         except (TimeoutError, OSError):
@@ -3490,6 +3496,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not line:
             self.close_connection = True
             return
+        # the rest of the request (headers, body) must arrive within the deadline, however slowly it trickles
+        self.deadline = time.monotonic() + options.request_timeout
         self.busy = True
         try:
             if self._parse(line):
@@ -3599,6 +3607,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         head += [f"{k}: {v}" for k, v in resp.headers.items()]
         if self.close_connection:
             head.append("Connection: close")
+        self.deadline = time.monotonic() + self.server.options.request_timeout  # a client that does not read
         self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + resp.body)  # one send
         self._log(req, resp, started)
 
@@ -3698,8 +3707,8 @@ class Server(http.server.ThreadingHTTPServer):
             return sum(1 for h in self._handlers if h.busy)
 
     def _watch(self) -> None:
-        """Close connections whose request has not arrived by its deadline (slowloris)."""
-        interval = max(0.05, min(1.0, self.options.request_timeout / 4))
+        """Close connections past their deadline: idle, slow to send the request (slowloris), or not reading."""
+        interval = max(0.05, min(1.0, self.options.request_timeout / 4, self.options.idle_timeout / 4))
         while True:
             time.sleep(interval)
             now = time.monotonic()
