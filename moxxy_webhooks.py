@@ -3201,10 +3201,10 @@ class App:
                 results.append(self.deliver(req, webhook=wh.name, agent=agent, message=ev.message, context=ev.context,
                                             mode=mode, delivery_id=item_id, event=ev.event, wh=wh))
             except (AgentFailed, AgentTimeout) as e:
-                if len(items) == 1:
+                if wh.split is None:
                     raise
                 results.append(Response.error(e))  # one failed item must not hide the others' answers
-        if len(results) == 1:
+        if wh.split is None:
             return results[0]
         req.info["outcome"] = "split"
         return Response.json(202 if mode == "async" else 200,

@@ -5022,3 +5022,125 @@ def test_help(runner, args, expected):
     assert result.stdout.startswith("Usage: ")
     for word in expected:
         assert word in result.stdout, word
+
+
+# === README recipes, replayed as a new user would run them ===
+
+
+@pytest.fixture
+def site(gateway):
+    """A running gateway plus its CLI on the same data directory (as on one box)."""
+    g = gateway()
+
+    def cli(*args, input=None):
+        result = CliRunner().invoke(mw.cli, ["--data-dir", g.paths.root, *args], input=input, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    g.cli = cli
+    return g
+
+
+def secret_from(output: str) -> str:
+    return output.split("Secret (shown once, store it now): ")[1].split()[0]
+
+
+def test_readme_github_recipe(site):
+    out = site.cli("create", "github", "--agent", "default", "--secret", "gh-recipe-secret",
+                   "--template", '{{event_type}} on {{repository.full_name}} by {{sender.login}}: {{action | default("")}}',
+                   "--exclude", "watch.*")
+    assert "POST /api/webhooks/github" in out and "***" in site.cli("show", "github")
+    body = b'{"action":"opened","repository":{"full_name":"octo/hello"},"sender":{"login":"octocat"}}'
+    headers = {"Content-Type": "application/json", "X-GitHub-Event": "pull_request", "X-GitHub-Delivery": str(uuid.uuid4()),
+               "X-Hub-Signature-256": "sha256=" + hmac.new(b"gh-recipe-secret", body, hashlib.sha256).hexdigest()}
+    status, _, reply = site.request("POST", "/api/webhooks/github", raw=body, headers=headers)
+    assert status == 200 and reply["response"] == "pull_request on octo/hello by octocat: opened"
+    starred = b'{"action":"started","repository":{"full_name":"octo/hello"},"sender":{"login":"fan"}}'
+    headers.update({"X-GitHub-Event": "watch", "X-GitHub-Delivery": str(uuid.uuid4()),
+                    "X-Hub-Signature-256": "sha256=" + hmac.new(b"gh-recipe-secret", starred, hashlib.sha256).hexdigest()})
+    status, _, reply = site.request("POST", "/api/webhooks/github", raw=starred, headers=headers)
+    assert status == 200 and reply["filtered"] is True and reply["event"] == "watch.started"
+
+
+def test_readme_gitlab_recipe(site):
+    site.cli("create", "gitlab", "--agent", "default", "--secret", "gl-token",
+             "--template", "{{object_kind}} on {{project.path_with_namespace}} by {{user_username}}",
+             "--include", "push hook*", "--include", "merge request hook*")
+    body = {"object_kind": "push", "project": {"path_with_namespace": "group/app"}, "user_username": "ann"}
+    headers = {"X-Gitlab-Token": "gl-token", "X-Gitlab-Event": "Push Hook", "X-Gitlab-Event-UUID": str(uuid.uuid4())}
+    status, _, reply = site.request("POST", "/api/webhooks/gitlab", body, headers)
+    assert status == 200 and reply["response"] == "push on group/app by ann"
+    status, _, reply = site.request("POST", "/api/webhooks/gitlab", body, {**headers, "X-Gitlab-Event": "Tag Push Hook",
+                                                                           "X-Gitlab-Event-UUID": str(uuid.uuid4())})
+    assert status == 200 and reply["filtered"] is True  # a 200, never a 4xx: GitLab disables hooks on 4xx
+
+
+def test_readme_alertmanager_recipe(site):
+    site.cli("agent", "add", "ops", "--echo")
+    site.cli("create", "alertmanager", "--agent", "ops", "--secret", "am-secret", "--auth", "bearer", "--auth", "basic",
+             "--from-json", "-", input=json.dumps({
+                 "transform": {"split": "$.alerts[*]",
+                               "message_template": "{{status | upper}}: {{labels.alertname}} on {{labels.instance}} "
+                                                   "({{labels.severity}}): {{annotations.summary}}",
+                               "context_mapping": {"alertname": "$.labels.alertname", "severity": "$.labels.severity"}},
+                 "filters": {"condition": "$.labels.severity in ['critical', 'warning']"}}))
+    status, _, reply = site.request("POST", "/api/webhooks/alertmanager", raw=ALERTMANAGER_SAMPLE,
+                                    headers={"Authorization": "Bearer am-secret", "Content-Type": "application/json"})
+    assert status == 200, reply
+    [delivery] = reply["deliveries"]
+    assert delivery["response"] == ("FIRING: ProbeFailure on https://server.example.org (critical): "
+                                    "BlackBox Probe Failure: https://server.example.org")
+    assert delivery["context"] == {"alertname": "ProbeFailure", "severity": "critical"}
+    basic = "Basic " + base64.b64encode(b"alertmanager:am-secret").decode()
+    status, _, reply = site.request("POST", "/api/webhooks/alertmanager", raw=ALERTMANAGER_SAMPLE,
+                                    headers={"Authorization": basic})
+    assert status == 200 and len(reply["deliveries"]) == 1
+    status, _, _ = site.request("POST", "/api/webhooks/alertmanager", raw=ALERTMANAGER_SAMPLE,
+                                headers={"X-Webhook-Secret": "am-secret"})
+    assert status == 401  # --auth bearer --auth basic: the other schemes are refused
+
+
+def test_readme_ci_recipe(site):
+    site.cli("agent", "add", "team", "--echo")
+    ci_secret = secret_from(site.cli("create", "ci", "--agent", "team", "--template", "Build #{{build_id}} {{status}} on {{branch}}",
+                                     "--event", "ci.{{status}}", "--include", "ci.failure", "--include", "ci.success",
+                                     "--mode", "async"))
+    headers = {"X-Webhook-Secret": ci_secret, "Idempotency-Key": "jenkins-app-4521"}
+    status, response_headers, reply = site.request(
+        "POST", "/api/webhooks/ci", raw=b'{"build_id": "4521", "status": "success", "branch": "main"}', headers=headers)
+    assert status == 202 and response_headers["location"] == f"/api/deliveries/{reply['delivery_id']}"
+    status, _, record = site.admin_call("GET", f"/api/deliveries/{reply['delivery_id']}?wait=10")
+    assert record["status"] == "succeeded" and record["response"] == "Build #4521 success on main"
+    assert record["event"] == "ci.success"
+
+
+def test_readme_named_webhook_and_dry_run_examples(site):
+    site.cli("agent", "add", "ops", "--echo")
+    out = site.cli("create", "alerts", "--agent", "ops", "--template", "Alert from {{source}}: {{message}}",
+                   "--map", "severity=$.severity", "--map", "service=$.service_name",
+                   "--include", "*.critical", "--include", "*.warning", "--exclude", "*.debug")
+    assert "Created webhook 'alerts' -> agent 'ops': POST /api/webhooks/alerts" in out and secret_from(out)
+    status, _, reply = site.admin_call("POST", "/api/webhooks/alerts/trigger?dry_run=1",
+                                       {"source": "prom", "message": "CPU", "severity": "warning"})
+    assert status == 200 and reply == {
+        "success": True, "dry_run": True, "webhook": "alerts", "agent": "ops", "event_type": "",
+        "event": "prom.warning", "context": {"severity": "warning", "service": None},
+        "filtered": False, "reason": "passes every filter", "message": "Alert from prom: CPU"}
+
+
+def test_readme_invalid_condition_example(gw):
+    status, _, reply = gw.admin_call("POST", "/api/webhooks", {"name": "x", "secret": "s", "filters": {"condition": "$.severity =="}})
+    assert status == 400 and reply == {
+        "success": False, "code": "invalid_config",
+        "error": "filters.condition: expected a value (a $path, 'string', number, true, false, null or [list]) "
+                 "at position 14, found the end"}
+
+
+def test_readme_seed_create_example_renders_repository_full_name(gw):
+    status, _, _ = gw.admin_call("POST", "/api/webhooks", {
+        "name": "github-webhook", "agent": "default", "secret": "github-webhook-secret",
+        "transform": {"message_template": "GitHub event: {{event_type}} on {{repository.full_name}}"}})
+    assert status == 201
+    status, _, reply = gw.request("POST", "/api/webhooks/github-webhook", {"repository": {"full_name": "octo/hello"}},
+                                  {"X-Webhook-Secret": "github-webhook-secret", "X-GitHub-Event": "push"})
+    assert status == 200 and reply["response"] == "GitHub event: push on octo/hello"

@@ -9,7 +9,7 @@ D=${1:-5s}; ROUNDS=${2:-3}
 PY=${PYTHON:-python3}
 tmp=$(mktemp -d); pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; rm -rf "$tmp"' EXIT
-for port in 18901 18902 18903; do
+for port in 18901 18902 18903 18904; do
   if (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null; then echo "port $port is already in use"; exit 1; fi
 done
 wait_port() { for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.05; done; echo "port $1 not up"; exit 1; }
@@ -20,10 +20,12 @@ mw vault set admin_token bench-admin
 mw agent add echo-cmd --command '/bin/echo {message}' --generic
 $PY moxxy_webhooks.py --data-dir "$tmp/data" serve --port 18901 --rate-limit off --log-level warning \
   --queue-size 100000 --workers 4 2>"$tmp/serve.log" & pids+=($!)
+$PY moxxy_webhooks.py --data-dir "$tmp/data" serve --port 18904 --rate-limit off --log-file "$tmp/access.log" \
+  --queue-size 100000 --workers 4 2>>"$tmp/serve.log" & pids+=($!)
 $PY bench/baseline_server.py 18902 bench-secret 2>/dev/null & pids+=($!)
 printf '[{"id": "echo", "execute-command": "/bin/echo", "include-command-output-in-response": true,\n  "pass-arguments-to-command": [{"source": "payload", "name": "message"}]}]\n' > "$tmp/hooks.json"
 webhook -hooks "$tmp/hooks.json" -ip 127.0.0.1 -port 18903 >/dev/null 2>&1 & pids+=($!)
-wait_port 18901; wait_port 18902; wait_port 18903
+wait_port 18901; wait_port 18902; wait_port 18903; wait_port 18904
 
 # one wrk run: prints "rps p50_us non2xx"
 one() { # url threads connections
@@ -52,6 +54,7 @@ export HEADERS="X-Webhook-Secret: bench-secret|Content-Type: application/json"
 G=http://127.0.0.1:18901/api/webhooks/generic
 compare "generic sync, echo, c1" http://127.0.0.1:18902/ baseline $G gateway 1 1
 compare "generic sync, echo, c16" http://127.0.0.1:18902/ baseline $G gateway 2 16
+compare "same, access log on (a file)" http://127.0.0.1:18902/ baseline http://127.0.0.1:18904/api/webhooks/generic gateway+log 2 16
 BODY='{"agent": "echo-cmd", "message": "Hello"}' compare "command agent /bin/echo, c8" \
   http://127.0.0.1:18903/hooks/echo adnanh/webhook $G gateway 2 8
 export BODY='{"agent": "default", "message": "Hello", "response_mode": "async"}'
