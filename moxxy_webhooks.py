@@ -3456,7 +3456,7 @@ class BatchingLogHandler(logging.Handler):
         self._lines: list[str] = []
         self._buffer_lock = threading.Lock()
         self._write_lock = threading.Lock()
-        self._closed = threading.Event()
+        self._stop = threading.Event()
         self.interval = interval
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
@@ -3490,11 +3490,11 @@ class BatchingLogHandler(logging.Handler):
                     self.stream.flush()
 
     def _run(self) -> None:
-        while not self._closed.wait(self.interval):
+        while not self._stop.wait(self.interval):
             self.flush()
 
     def close(self) -> None:
-        self._closed.set()
+        self._stop.set()
         self.flush()
         super().close()
 
@@ -3663,9 +3663,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         head += [f"{k}: {v}" for k, v in resp.headers.items()]
         if self.close_connection:
             head.append("Connection: close")
+        self._log(req, resp, started)  # before the send: once a client has its answer, the line exists
         self.deadline = time.monotonic() + self.server.options.request_timeout  # a client that does not read
         self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + resp.body)  # one send
-        self._log(req, resp, started)
 
     def _log(self, req: Request, resp: Response, started: float) -> None:
         app: App = self.server.app

@@ -5144,3 +5144,162 @@ def test_readme_seed_create_example_renders_repository_full_name(gw):
     status, _, reply = gw.request("POST", "/api/webhooks/github-webhook", {"repository": {"full_name": "octo/hello"}},
                                   {"X-Webhook-Secret": "github-webhook-secret", "X-GitHub-Event": "push"})
     assert status == 200 and reply["response"] == "GitHub event: push on octo/hello"
+
+
+# === Operations: reply_to, TLS, logs, connection cap, reload, optional cryptography ===
+
+
+def test_reply_to_targets_get_the_finished_delivery_record(gw, recorder):
+    target = recorder()
+    status, _, _ = gw.admin_call("POST", "/api/webhooks", {
+        "name": "fanout", "secret": "s", "response_mode": "async",
+        "reply_to": [{"url": target.url + "/hook", "headers": {"Authorization": "Bearer to-chat"}}]})
+    assert status == 201
+    status, _, reply = gw.request("POST", "/api/webhooks/fanout", {"message": "deploy done"}, {"X-Webhook-Secret": "s"})
+    assert status == 202
+    method, path, headers, record = target.next()
+    assert (method, path, headers["authorization"]) == ("POST", "/hook", "Bearer to-chat")
+    assert record["id"] == reply["delivery_id"] and record["status"] == "succeeded" and record["response"] == "deploy done"
+    status, _, shown = gw.admin_call("GET", "/api/webhooks/fanout")
+    assert shown["reply_to"] == [{"url": target.url + "/hook", "headers": {"Authorization": "***"}}]
+
+
+def _self_signed(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import datetime
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(_serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(_serialization.Encoding.PEM, _serialization.PrivateFormat.PKCS8,
+                                           _serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_tls_serves_https_with_tls_1_2_at_least(gateway, tmp_path):
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    g = gateway(tls_cert=cert, tls_key=key)
+    assert g.server.url.startswith("https://")
+    ctx = ssl.create_default_context(cafile=cert)
+    conn = http.client.HTTPSConnection("127.0.0.1", g.port, context=ctx, timeout=10)
+    conn.request("POST", "/api/webhooks/generic", body=b'{"message": "over tls"}', headers={"X-Webhook-Secret": g.secret})
+    resp = conn.getresponse()
+    assert resp.status == 200 and json.loads(resp.read())["response"] == "over tls"
+    assert conn.sock.version() in ("TLSv1.2", "TLSv1.3")
+    conn.close()
+    assert g.server.ssl_context.minimum_version == ssl.TLSVersion.TLSv1_2
+    # a client that connects and never handshakes does not hold up the others
+    with socket.create_connection(("127.0.0.1", g.port)):
+        conn = http.client.HTTPSConnection("127.0.0.1", g.port, context=ctx, timeout=10)
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().status == 200
+
+
+def test_json_access_log_has_the_fields_and_no_secret(gateway):
+    stream = io.StringIO()
+    handler = mw.BatchingLogHandler(stream, interval=60)
+    handler.setFormatter(mw.JsonLogFormatter())
+    access = logging.getLogger("moxxy_webhooks.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    try:
+        g = gateway()
+        assert g.generic({"message": "log me"}, **{"X-Request-Id": "req-42"})[0] == 200
+        assert g.generic({"message": "nope"}, secret="wrong")[0] == 401
+        handler.flush()
+    finally:
+        access.removeHandler(handler)
+        handler.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    ok, refused = [line for line in lines if line["path"] == "/api/webhooks/generic"]
+    assert ok["request_id"] == "req-42" and ok["status"] == 200 and ok["outcome"] == "ok"
+    assert ok["webhook"] == "generic" and ok["agent"] == "default" and len(ok["delivery_id"]) == 32
+    assert {"time", "client", "method", "duration_ms"} <= set(ok)
+    assert refused["status"] == 401 and refused["outcome"] == "unauthorized"
+    assert g.secret not in stream.getvalue() and "log me" not in stream.getvalue()
+
+
+def test_batching_log_handler_writes_warnings_at_once_and_keeps_order():
+    stream = io.StringIO()
+    handler = mw.BatchingLogHandler(stream, interval=60)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("moxxy_webhooks.test-batching")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("w0")
+        logger.error("e1")  # written at once, with everything before it, in order
+        assert stream.getvalue() == "WARNING w0\nERROR e1\n"
+        logger.warning("w2")
+        assert stream.getvalue().endswith("WARNING w2\n")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def test_connection_cap_refuses_extra_connections_with_503(gateway):
+    g = gateway(max_connections=1)
+    first = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
+    first.request("GET", "/healthz")
+    assert first.getresponse().read() and True  # the keep-alive connection now holds the only slot
+    with socket.create_connection(("127.0.0.1", g.port), timeout=10) as extra:
+        extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = extra.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in answer
+    first.close()
+
+
+def test_metrics_admin_flag_protects_metrics(gateway):
+    g = gateway(metrics_admin=True)
+    assert g.request("GET", "/metrics")[0] == 401
+    assert g.admin_call("GET", "/metrics")[0] == 200
+
+
+def test_reload_rereads_a_change_that_stat_cannot_see(gw):
+    """SIGHUP's job: an edit that keeps inode, size and mtime is picked up only on reload."""
+    path = gw.paths.webhooks
+    assert gw.admin_call("POST", "/api/webhooks", {"name": "aaaa", "secret": "s"})[0] == 201
+    st = os.stat(path)
+    text = open(path).read()
+    assert '"aaaa"' in text
+    with open(path, "r+") as f:  # same length, same inode, mtime put back
+        f.write(text.replace('"aaaa"', '"bbbb"'))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert gw.admin_call("GET", "/api/webhooks/aaaa")[0] == 200  # the cached config
+    gw.app.reload()
+    assert gw.admin_call("GET", "/api/webhooks/aaaa")[0] == 404
+    assert gw.admin_call("GET", "/api/webhooks/bbbb")[0] == 200
+
+
+def test_discord_without_cryptography_is_a_clear_503(tmp_path):
+    """Run in a fresh interpreter where the optional extra is missing."""
+    script = f"""
+import sys, json
+sys.modules["cryptography"] = None  # as if 'pip install moxxy-webhooks[discord]' had not been run
+import moxxy_webhooks as mw
+assert not mw.ed25519_available()
+app = mw.App(mw.Paths({str(tmp_path)!r}), mw.Options(rate_limit="off"))
+app.start()
+app.vault.set("discord_public_key", "00" * 32)
+resp = app.handle(mw.Request("POST", "/api/webhooks/discord", {{}}, body=b'{{"type": 1}}'))
+print(resp.status, json.loads(resp.body)["error"])
+app.stop(0)
+"""
+    done = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(os.path.abspath(mw.__file__)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("503 Discord needs Ed25519: install moxxy-webhooks[discord] "
+                                   "(the cryptography package)")
