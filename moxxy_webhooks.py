@@ -952,9 +952,10 @@ _JSONPATH_LOCK = threading.Lock()
 
 @functools.lru_cache(maxsize=1)
 def _jsonpath_parser():
-    from jsonpath_ng.ext.parser import ExtentedJsonPathParser
+    from jsonpath_ng.ext import parser
 
-    return ExtentedJsonPathParser()
+    # renamed in jsonpath-ng 1.7 (the old, misspelt name warns and goes in 2.0)
+    return (getattr(parser, "ExtendedJsonPathParser", None) or parser.ExtentedJsonPathParser)()
 
 
 @functools.lru_cache(maxsize=2048)
@@ -4330,7 +4331,7 @@ def vault() -> None:
 def vault_set(state: CliState, key: str, value: str) -> None:
     """Set KEY to VALUE ('-' reads stdin; ${env:NAME} and ${file:PATH} resolve when used)."""
     if value == "-":
-        value = click.get_text_stream("stdin").read().rstrip("\r\n")
+        value = sys.stdin.read().rstrip("\r\n")
     if key == "webhook_allowed_ips" and not is_reference(value):
         with _errors():
             parse_networks(value, key)
