@@ -3735,9 +3735,11 @@ class Server(http.server.ThreadingHTTPServer):
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False):
             # over the connection cap: refuse at once rather than queue without bound
+            # (in plain HTTP; a TLS client just sees the connection close)
             with contextlib.suppress(OSError):
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
-                                b"Connection: close\r\n\r\n")
+                if not isinstance(request, ssl.SSLSocket):
+                        request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
+                                    b"Connection: close\r\n\r\n")
             self.shutdown_request(request)
             return
         try:
@@ -3754,8 +3756,9 @@ class Server(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request, client_address) -> None:
         exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError, ssl.SSLError)):
-            return  # a client that went away or failed the TLS handshake: not our error
+        if isinstance(exc, OSError):  # a client that went away, or failed or stalled the TLS handshake
+            log.debug("connection from %s: %s", client_address[0], exc)
+            return
         log.exception("error on connection from %s", client_address[0])
 
     def track(self, handler: Handler, add: bool) -> None:
