@@ -245,6 +245,8 @@ class DataFileError(Exception):
 class VaultError(Unavailable):
     """A vault key is missing or its ${env:}/${file:} reference does not resolve."""
 
+    detail = ""  # why, for the server log and the CLI (never sent to an HTTP caller)
+
 
 # === Storage ===
 
@@ -449,7 +451,9 @@ def resolve_reference(value: str, what: str) -> str:
             resolved, detail = None, f"cannot read {target}: {e.strerror}"
     if not resolved:
         log.error("%s does not resolve: %s", what, detail)
-        raise VaultError(f"{what} does not resolve (see the server log)")
+        error = VaultError(f"{what} does not resolve (see the server log)")
+        error.detail = detail
+        raise error
     return resolved
 
 
@@ -4145,6 +4149,14 @@ def test_webhook(state: CliState, name: str, payload_file, header: tuple) -> Non
 @pass_state
 def check(state: CliState) -> None:
     """Validate the data directory: files, vault references, agents, webhooks."""
+    log.disabled = True  # every problem is listed below, once, with its detail
+    try:
+        _check(state)
+    finally:
+        log.disabled = False
+
+
+def _check(state: CliState) -> None:
     problems = []
     agents_raw: dict = {}
     webhooks_raw: dict = {}
@@ -4165,10 +4177,10 @@ def check(state: CliState) -> None:
         if agent.kind == "command" and not shutil.which(cfg["argv"][0]):
             problems.append(f"agent '{name}': command {cfg['argv'][0]!r} is not on PATH")
         for ref in references_in(cfg):
-            with contextlib.suppress(VaultError):
+            try:
                 resolve_reference(ref, f"agent '{name}'")
-                continue
-            problems.append(f"agent '{name}': {ref} does not resolve")
+            except VaultError as e:
+                problems.append(f"agent '{name}': {ref} does not resolve ({e.detail})")
     for name, cfg in webhooks_raw.items():
         try:
             validate_webhook(name, cfg, agents)
@@ -4179,8 +4191,8 @@ def check(state: CliState) -> None:
         for key, value in doc.items():
             try:
                 resolve_reference(value, f"vault key '{key}'")
-            except VaultError:
-                problems.append(f"vault key '{key}': {value} does not resolve")
+            except VaultError as e:
+                problems.append(f"vault key '{key}': {value} does not resolve ({e.detail})")
         for key in ("webhook_allowed_ips",):
             with contextlib.suppress(VaultError):
                 parse_networks(state.vault.get(key), key)

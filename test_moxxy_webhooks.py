@@ -4511,7 +4511,7 @@ def test_check_lists_every_problem(runner, monkeypatch):
         "problem: webhook 'w2': transform.message_template: '{{' at position 4 is never closed with '}}'",
         "problem: webhook 'w3': filters.condition: expected a value (a $path, 'string', number, true, false, "
         "null or [list]) at position 7, found the end",
-        "problem: vault key 'ref': ${env:MISSING_VAR_X} does not resolve",
+        "problem: vault key 'ref': ${env:MISSING_VAR_X} does not resolve (environment variable MISSING_VAR_X is not set)",
     ])
     assert read_bytes(hooks_file(runner)) == before
 
@@ -4534,7 +4534,7 @@ def test_check_reports_a_corrupt_file_and_still_checks_the_vault(runner, monkeyp
     assert result.exit_code == 1
     assert problems(result) == sorted([
         f"problem: {hooks_file(runner)}:1:29: Expecting property name enclosed in double quotes",
-        "problem: vault key 'ref': ${env:MISSING_VAR_X} does not resolve",
+        "problem: vault key 'ref': ${env:MISSING_VAR_X} does not resolve (environment variable MISSING_VAR_X is not set)",
     ])
 
 
