@@ -481,14 +481,6 @@ class Vault:
             return default
         return resolve_reference(value, f"vault key '{key}'")
 
-    def networks(self, key: str) -> tuple:
-        """An allowlist setting parsed into networks (parsed once per value)."""
-        try:
-            return _parse_networks_cached(self.get(key) or "", key)
-        except ConfigError as e:  # fail closed: a broken allowlist must not let everyone in
-            log.error("vault key '%s' is invalid: %s", key, e.message)
-            raise VaultError(f"vault key '{key}' is not a valid list of IPs/CIDRs (see the server log)") from None
-
     def setting(self, key: str) -> str:
         """Return a setting with its built-in default (``*_api_url`` keys and friends)."""
         return self.get(key) or PLATFORM_API_DEFAULTS.get(key, "")
@@ -2864,7 +2856,7 @@ class App:
         if kind in ("generic", "named", "platform"):
             if kind == "generic" and (self.vault.get("generic_enabled") or "").lower() == "false":
                 raise NotFound("the generic webhook is turned off (vault generic_enabled=false)")
-            if not ip_allowed(req.client_ip, self.vault.networks("webhook_allowed_ips")):
+            if not ip_allowed(req.client_ip, self._vault_networks("webhook_allowed_ips")):
                 raise Forbidden(f"client {req.client_ip} is not in webhook_allowed_ips")
             if kind == "named":
                 wh = self._webhook(req.params["name"])
@@ -2876,6 +2868,14 @@ class App:
             raise LengthRequired("chunked bodies are not accepted: send a Content-Length")
         if content_length is not None and content_length > self.options.max_body:
             raise PayloadTooLarge(f"the body is {content_length} bytes; the limit is {self.options.max_body} (serve --max-body)")
+
+    def _vault_networks(self, key: str) -> tuple:
+        """An allowlist setting of the vault as networks (parsed once per value); a bad one fails closed."""
+        try:
+            return _parse_networks_cached(self.vault.get(key) or "", key)
+        except ConfigError as e:  # a broken allowlist must not let everyone in
+            log.error("vault key '%s' is invalid: %s", key, e.message)
+            raise VaultError(f"vault key '{key}' is not a valid list of IPs/CIDRs (see the server log)") from None
 
     def _rate_limit(self, limiter: RateLimiter, key: str, req: Request, who: str) -> None:
         wait = limiter.take(key)
