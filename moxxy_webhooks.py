@@ -2830,7 +2830,8 @@ class App:
 
     def match(self, req: Request) -> None:
         """Find the route (404, or 405 with Allow) and fill ``req.route``/``req.params``."""
-        route = self._static.get((req.method, req.path))
+        method = "GET" if req.method == "HEAD" else req.method  # HEAD: a GET whose body is not sent
+        route = self._static.get((method, req.path))
         if route:
             req.route = route
             return
@@ -2839,7 +2840,7 @@ class App:
             m = route.pattern.fullmatch(req.path)
             if not m:
                 continue
-            if route.method == req.method:
+            if route.method == method:
                 req.route, req.params = route, {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
                 return
             allowed.append(route.method)
@@ -3670,7 +3671,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             head.append("Connection: close")
         self._log(req, resp, started)  # before the send: once a client has its answer, the line exists
         self.deadline = time.monotonic() + self.server.options.request_timeout  # a client that does not read
-        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + resp.body)  # one send
+        body = b"" if req.method == "HEAD" else resp.body
+        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)  # one send
 
     def _log(self, req: Request, resp: Response, started: float) -> None:
         app: App = self.server.app

@@ -5303,3 +5303,16 @@ app.stop(0)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ("503 Discord needs Ed25519: install moxxy-webhooks[discord] "
                                    "(the cryptography package)")
+
+
+def test_head_is_a_get_without_a_body_and_keeps_the_connection_usable(gw):
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    conn.request("HEAD", "/healthz")
+    resp = conn.getresponse()
+    assert resp.status == 200 and int(resp.getheader("Content-Length")) > 0 and resp.read() == b""
+    conn.request("HEAD", "/api/deliveries/abc/retry")
+    resp = conn.getresponse()
+    assert resp.status == 405 and resp.getheader("Allow") == "POST" and resp.read() == b""
+    conn.request("GET", "/healthz")  # the same connection still frames correctly
+    assert json.loads(conn.getresponse().read()) == {"status": "ok"}
+    conn.close()
