@@ -1417,8 +1417,9 @@ class AgentConfig:
     def public(self) -> dict:
         """The config as the API shows it: header values and api keys redacted."""
         out = {"name": self.name, **self.config}
-        if "headers" in out:
-            out["headers"] = {k: REDACTED for k in out["headers"]}
+        for key in ("headers", "env"):
+            if key in out:
+                out[key] = {k: REDACTED for k in out[key]}
         if out.get("api_key"):
             out["api_key"] = REDACTED
         return out
@@ -1493,7 +1494,9 @@ class Webhook:
     config: dict
 
     def valid_secrets(self, now: float) -> list[str]:
-        return [s for s, expires in self.secrets if expires is None or expires > now]
+        """The secrets accepted now (a rotated-out one until its grace ends); references resolved, fail closed."""
+        return [resolve_reference(s, f"the secret of webhook '{self.name}'")
+                for s, expires in self.secrets if expires is None or expires > now]
 
     def public(self) -> dict:
         """The config as the API shows it: secrets never leave."""
@@ -1710,6 +1713,9 @@ def _communicate(proc: subprocess.Popen, data: bytes, deadline: float) -> tuple[
         pidfd = os.pidfd_open(proc.pid)
         sel.register(pidfd, selectors.EVENT_READ, "exit")
     if data:
+        # non-blocking: "writable" promises room for one page only, and a larger blocking write
+        # would deadlock with a child that is itself blocked writing its stdout
+        os.set_blocking(proc.stdin.fileno(), False)
         sel.register(proc.stdin, selectors.EVENT_WRITE)
     else:
         proc.stdin.close()
@@ -1727,6 +1733,8 @@ def _communicate(proc: subprocess.Popen, data: bytes, deadline: float) -> tuple[
                 if key.fileobj is proc.stdin:
                     try:
                         sent += os.write(proc.stdin.fileno(), view[sent:sent + 65536])
+                    except BlockingIOError:
+                        continue
                     except BrokenPipeError:
                         sent = len(data)
                     if sent >= len(data):
@@ -2030,13 +2038,13 @@ class DeliveryLog:
                 group = list(group)
                 try:
                     conn.executemany(sql, [op[1] for op in group])
-                except sqlite3.IntegrityError as e:
+                except Exception:  # one bad row must not cost the others: row by row (all are idempotent)
                     for op in group:
-                        op[3] = str(e)
+                        self._execute_one(conn, op)
             conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            error = str(e)
-            log.error("delivery log: commit failed: %s", e)
+        except Exception as e:  # the writer thread must survive anything one batch holds
+            error = f"{e.__class__.__name__}: {e}"
+            log.error("delivery log: commit failed: %s", error)
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         for op in batch:
@@ -2049,6 +2057,18 @@ class DeliveryLog:
         with self._committed:
             self._commits += 1
             self._committed.notify_all()
+
+    @staticmethod
+    def _execute_one(conn: sqlite3.Connection, op: list) -> None:
+        try:
+            conn.execute(op[0], op[1])
+        except UnicodeEncodeError:  # a lone surrogate in an agent's answer: store it replaced
+            params = op[1]
+            clean = (lambda v: v.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if isinstance(v, str) else v)
+            params = {k: clean(v) for k, v in params.items()} if isinstance(params, dict) else [clean(v) for v in params]
+            conn.execute(op[0], params)
+        except sqlite3.Error as e:
+            op[3] = str(e)
 
     def _prune(self, conn: sqlite3.Connection) -> None:
         now = clock()
@@ -2524,6 +2544,9 @@ class Options:
     tls_key: str | None = None
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 @dataclasses.dataclass
 class Request:
     """One HTTP request as the application sees it (no sockets)."""
@@ -2563,13 +2586,20 @@ class Request:
             form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
             body = form.get("payload", [""])[0].encode()
         try:
-            return json.loads(body.decode("utf-8"))
+            doc = json.loads(body.decode("utf-8"))
+            if _SURROGATE_ESCAPE.search(body):  # "\ud800" alone parses to a str that is not Unicode
+                json.dumps(doc, ensure_ascii=False).encode("utf-8")
+            return doc
         except UnicodeDecodeError:
             raise InvalidJSON("the body is not UTF-8") from None
+        except UnicodeEncodeError:
+            raise InvalidJSON("the body holds a lone UTF-16 surrogate escape (like \\ud800): not valid Unicode") from None
         except json.JSONDecodeError as e:
             raise InvalidJSON(f"the body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
         except RecursionError:
             raise InvalidJSON("the body is nested too deeply") from None
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            raise InvalidJSON(f"the body is not usable JSON: {e}") from None
 
     def json_object(self, allow_form: bool = False, empty: Any = None) -> dict:
         doc = self.json(allow_form, empty)
@@ -2588,7 +2618,8 @@ class Response:
 
     @classmethod
     def json(cls, status: int, doc: Any, headers: dict | None = None) -> "Response":
-        return cls(status, json.dumps(doc, ensure_ascii=False).encode(), {"Content-Type": "application/json", **(headers or {})})
+        # ASCII escapes: valid JSON for any str, lone surrogates from an agent's answer included
+        return cls(status, json.dumps(doc).encode(), {"Content-Type": "application/json", **(headers or {})})
 
     @classmethod
     def error(cls, err: HTTPError) -> "Response":
@@ -3039,7 +3070,10 @@ class App:
             response = run_agent(agent, row["message"] or "", context, webhook=row["webhook"], delivery_id=delivery_id)
         except (AgentError, HTTPError) as e:
             error = getattr(e, "detail", None) or e.message
-            if attempts < row["max_attempts"] and self.accepting:
+            if not self.accepting:  # stopping: leave it queued for the next start, not dead-lettered
+                self.deliveries.update(delivery_id, status="queued", error=error)
+                return True
+            if attempts < row["max_attempts"]:
                 due = clock() + backoff_delay(attempts, self.options.retry_base)
                 self.deliveries.update(delivery_id, status="queued", error=error, next_attempt_at=due)
                 self.jobs.put(delivery_id, due)
@@ -3228,10 +3262,15 @@ class App:
         self.require_admin(req)
         return Response.json(200, self._webhook(req.params["name"]).public())
 
+    def _no_references(self, doc: dict) -> None:
+        if references_in(doc) and not self.options.allow_api_exec:
+            raise Forbidden("${env:} and ${file:} references can be set only with the CLI, or with serve --allow-api-exec")
+
     def create_webhook(self, req: Request) -> Response:
         """Create a webhook; a missing secret is generated and shown once."""
         self.require_admin(req)
         doc = req.json_object()
+        self._no_references(doc)
         name = _field(doc, "name", str, required=True)
         cfg, shown = save_webhook(self.store, name, doc, create=True)
         out = self._webhook(name).public()
@@ -3243,6 +3282,7 @@ class App:
         """Replace a webhook's config (keeps created_at, and the secret when none or '***' is given)."""
         self.require_admin(req)
         doc = req.json_object()
+        self._no_references(doc)
         name = req.params["name"]
         if doc.get("name", name) != name:
             raise BadRequest(f"'name' in the body ({doc['name']!r}) differs from the URL ({name!r}); renaming is not supported")
@@ -3328,8 +3368,7 @@ class App:
             if cfg.get("kind") == "command":
                 raise Forbidden("command agents can be added only with the CLI on the server "
                                 "('moxxy-webhooks agent add NAME --command ...'), or with serve --allow-api-exec")
-            if references_in(cfg):
-                raise Forbidden("${env:} and ${file:} references can be set only with the CLI, or with serve --allow-api-exec")
+            self._no_references(cfg)
         return name, cfg
 
     def create_agent(self, req: Request) -> Response:
@@ -3588,10 +3627,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if version not in ("HTTP/1.1", "HTTP/1.0"):
             return self.send_error(505, f"HTTP version {version[:20]!r} is not supported")
         fields: dict = {}
+        room = 65536  # for the whole header block: 100 lines of 64 KiB each would be 6.5 MB a connection
         for _ in range(101):
-            raw = self.rfile.readline(65537)
-            if len(raw) > 65536:
-                return self.send_error(431, "a header line is longer than 64 KiB")
+            raw = self.rfile.readline(room + 1)
+            room -= len(raw)
+            if room < 0:
+                return self.send_error(431, "the headers are larger than 64 KiB")
             if raw in (b"\r\n", b"\n"):
                 break
             if not raw:
@@ -3604,7 +3645,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if key in fields:
                 if key == "content-length" and fields[key] != value:
                     return self.send_error(400, "several different Content-Length headers")
-                if key in ("transfer-encoding", "connection", "expect"):
+                if key in ("transfer-encoding", "connection", "expect", "x-forwarded-for"):
                     fields[key] += ", " + value
                 continue  # otherwise the first value wins
             fields[key] = value
@@ -3635,11 +3676,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         app: App = self.server.app
         headers = self.fields
         ip = client_address(self.client_address[0], headers.get("x-forwarded-for"), self.server.options.trusted_proxies)
-        req = Request(self.command, self.path, headers, ip)
-        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        try:
+            req = Request(self.command, self.path, headers, ip)
+        except ValueError:
+            self.send_error(400, "bad request target")
+            return
+        coding = headers.get("transfer-encoding", "").lower()
+        chunked = "chunked" in coding
         raw_length = headers.get("content-length")
         try:
-            if raw_length is not None and not raw_length.strip().isdigit():
+            if coding and not chunked:
+                self.close_connection = True  # RFC 9112 section 6.1: a coding we cannot frame
+                raise BadRequest(f"Transfer-Encoding {coding!r} is not supported: send a plain body with Content-Length")
+            if raw_length is not None and not (raw_length.strip().isascii() and raw_length.strip().isdigit()):
                 self.close_connection = True
                 raise BadRequest(f"Content-Length {raw_length!r} is not a number")
             length = int(raw_length) if raw_length is not None else 0

@@ -5316,3 +5316,89 @@ def test_head_is_a_get_without_a_body_and_keeps_the_connection_usable(gw):
     conn.request("GET", "/healthz")  # the same connection still frames correctly
     assert json.loads(conn.getresponse().read()) == {"status": "ok"}
     conn.close()
+
+
+# === Regressions from the security and correctness review ===
+
+
+def test_lone_surrogate_is_400_and_the_delivery_log_keeps_working(gw, recorder):
+    status, _, body = gw.request("POST", "/api/webhooks/generic", raw=b'{"message": "hi \\ud800"}',
+                                 headers={"X-Webhook-Secret": gw.secret})
+    assert status == 400 and body["code"] == "invalid_json" and "surrogate" in body["error"]
+    assert gw.generic({"message": "pair \\ud83d\\ude00 is fine"})[0] == 200
+    # an agent answering a lone surrogate: the reply is valid JSON and the record is still written
+    service = recorder(lambda method, path, body: (200, b'{"response": "odd \\ud800 answer"}'))
+    gw.add_agent("odd", {"kind": "http", "url": service.url + "/chat"})
+    status, _, body = gw.generic({"agent": "odd", "message": "x"})
+    assert status == 200 and body["response"] == "odd \ud800 answer"
+    status, _, record = gw.admin_call("GET", f"/api/deliveries/{body['delivery_id']}")
+    assert status == 200 and record["status"] == "succeeded"
+    status, _, queued = gw.generic({"message": "still durable", "response_mode": "async"})
+    assert status == 202
+    assert gw.admin_call("GET", f"/api/deliveries/{queued['delivery_id']}?wait=10")[2]["status"] == "succeeded"
+
+
+def test_integer_of_5000_digits_is_400_not_500(gw):
+    status, _, body = gw.request("POST", "/api/webhooks/generic", raw=b'{"message": "m", "context": {"n": ' + b"9" * 5000 + b"}}",
+                                 headers={"X-Webhook-Secret": gw.secret})
+    assert status == 400 and body["code"] == "invalid_json"
+
+
+def test_command_agent_echoing_a_large_stdin_does_not_deadlock(gw):
+    gw.add_agent("cat", {"kind": "command", "argv": ["cat"], "generic": True, "timeout": 20})
+    message = "".join(f"line {i:06d} of a long message\n" for i in range(20000))  # about 600 KB
+    status, _, body = gw.generic({"agent": "cat", "message": message})
+    assert status == 200 and body["response"] == message.rstrip("\n")
+
+
+def test_repeated_x_forwarded_for_lines_are_one_list(gateway):
+    """A proxy that appends its own X-Forwarded-For line (HAProxy forwardfor) must not hide the real client."""
+    g = gateway(trusted_proxies=mw.parse_networks("127.0.0.1/32"))
+    g.vault_set("webhook_allowed_ips", "10.0.0.0/8")
+    request = (f"POST /api/webhooks/generic HTTP/1.1\r\nX-Webhook-Secret: {g.secret}\r\n"
+               "X-Forwarded-For: 10.0.0.5\r\nX-Forwarded-For: 203.0.113.9\r\nContent-Length: 2\r\n\r\n{}").encode()
+    sock, f = raw_connect(g, request)
+    status, _, body = read_response(f)
+    sock.close()
+    assert status == 403 and "203.0.113.9" in body["error"]
+
+
+def test_admin_api_cannot_plant_references_in_webhooks(gw):
+    status, _, body = gw.admin_call("POST", "/api/webhooks", {
+        "name": "leak", "secret": "s", "response_mode": "async",
+        "reply_to": [{"url": "http://127.0.0.1:9/x", "headers": {"X-Leak": "${env:HOME}"}}]})
+    assert status == 403 and "--allow-api-exec" in body["error"]
+    assert gw.admin_call("POST", "/api/webhooks", {"name": "leak2", "secret": "${file:/etc/hostname}"})[0] == 403
+    assert gw.admin_call("GET", "/api/webhooks/leak")[0] == 404
+
+
+def test_webhook_secret_reference_resolves_when_used_and_fails_closed(gw, monkeypatch):
+    mw.save_webhook(gw.app.store, "refd", {"secret": "${env:MOXXY_TEST_HOOK_SECRET}"}, create=True)  # as the CLI does
+    monkeypatch.setenv("MOXXY_TEST_HOOK_SECRET", "the-real-one")
+    post = lambda secret: gw.request("POST", "/api/webhooks/refd", {"message": "m"}, {"X-Webhook-Secret": secret})
+    assert post("the-real-one")[0] == 200
+    assert post("${env:MOXXY_TEST_HOOK_SECRET}")[0] == 401  # the reference text is not the secret
+    monkeypatch.delenv("MOXXY_TEST_HOOK_SECRET")
+    status, _, body = post("the-real-one")
+    assert status == 503 and "does not resolve" in body["error"] and "refd" in body["error"]
+
+
+def test_agent_env_values_are_redacted(gw):
+    gw.add_agent("ops", {"kind": "command", "argv": ["true"], "env": {"GITHUB_TOKEN": "ghp_secretvalue"}})
+    status, _, body = gw.admin_call("GET", "/api/agents/ops")
+    assert status == 200 and body["env"] == {"GITHUB_TOKEN": "***"}
+    assert "ghp_secretvalue" not in json.dumps(gw.admin_call("GET", "/api/agents")[2])
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"POST /api/webhooks/generic HTTP/1.1\r\nContent-Length: \xc2\xb2\r\n\r\n", 400),  # a Unicode digit
+    (b"GET http://[::1/healthz HTTP/1.1\r\n\r\n", 400),
+    (b"POST /api/webhooks/generic HTTP/1.1\r\nTransfer-Encoding: gzip\r\nContent-Length: 2\r\n\r\n{}", 400),
+    (b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(70)) + b"\r\n", 431),
+])
+def test_malformed_framing_gets_a_json_error_and_a_closed_connection(gw, head, status):
+    sock, f = raw_connect(gw, head)
+    got, headers, body = read_response(f)
+    assert got == status and body["success"] is False and headers.get("connection") == "close"
+    assert f.read() == b""  # closed
+    sock.close()
