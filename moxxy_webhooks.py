@@ -2205,6 +2205,11 @@ def backoff_delay(attempt: int, base: float) -> float:
 # === Platforms ===
 
 
+def _obj(value: Any) -> dict:
+    """The value if it is a JSON object, else an empty one (platform payloads are trusted for origin, not shape)."""
+    return value if isinstance(value, dict) else {}
+
+
 def split_text(text: str, limit: int) -> list[str]:
     """Split a long answer into pieces of at most ``limit`` characters, at line or word breaks when possible."""
     pieces = []
@@ -2244,17 +2249,18 @@ def host_allowed(url: str, hosts: str) -> bool:
 
 def discord_message(interaction: dict) -> str:
     """Turn a Discord command or component interaction into a message: ``/name opt=value ...``."""
-    data = interaction.get("data") or {}
+    data = _obj(interaction.get("data"))
     if interaction.get("type") == 3:
         values = data.get("values") or []
         return " ".join([str(data.get("custom_id", ""))] + [str(v) for v in values]).strip()
     if interaction.get("type") == 5:
-        fields = [c for row in data.get("components", []) for c in row.get("components", [])]
+        fields = [c for row in data.get("components") or [] for c in _obj(row).get("components") or [] if isinstance(c, dict)]
         return " ".join([str(data.get("custom_id", ""))] + [f"{c.get('custom_id')}={c.get('value')}" for c in fields]).strip()
 
     def flatten(options: list) -> list[str]:
         out = []
-        for opt in options or []:
+        for opt in options if isinstance(options, list) else []:
+            opt = _obj(opt)
             if opt.get("type") in (1, 2) or ("options" in opt and "value" not in opt):  # (sub)command group
                 out.append(str(opt.get("name")))
                 out.extend(flatten(opt.get("options")))
@@ -2316,6 +2322,9 @@ class Platforms:
                                          delivery_id=delivery_id)
             except HTTPError as e:
                 return f"Sorry, the agent could not answer ({e.message}; delivery {delivery_id})."
+            except Exception:  # the platform still gets its 2xx, and the chat an answer
+                log.exception("%s: delivery %s failed", platform, delivery_id)
+                return f"Sorry, something went wrong (delivery {delivery_id})."
 
         if always_late:  # Slack events and interactions: the reply body is ignored
             req.info["outcome"] = "deferred"
@@ -2343,11 +2352,11 @@ class Platforms:
         self.app._rate_limit(self.app.hook_limiter, "telegram", req, "telegram")
         update = req.json_object()
         msg = next((update[k] for k in ("message", "edited_message", "channel_post") if isinstance(update.get(k), dict)), None)
-        query = update.get("callback_query") if isinstance(update.get("callback_query"), dict) else None
-        text = msg.get("text") if msg else (query or {}).get("data")
-        source = msg or (query or {}).get("message") or {}
-        sender = (msg or query or {}).get("from") or {}
-        chat_id = (source.get("chat") or {}).get("id")
+        query = _obj(update.get("callback_query"))
+        text = msg.get("text") if msg else query.get("data")
+        source = msg or _obj(query.get("message"))
+        sender = _obj((msg or query).get("from"))
+        chat_id = _obj(source.get("chat")).get("id")
         if not isinstance(text, str) or not text.strip() or chat_id is None:
             return self._ignored(req, "update without text", {})
         if sender.get("is_bot"):
@@ -2425,7 +2434,8 @@ class Platforms:
         kind = event.get("type")
         if kind not in ("message", "app_mention") or (kind == "message" and event.get("channel_type") not in ("im", None)):
             return self._ignored(req, f"event {kind!r} in a channel (answering @mentions and DMs only)")
-        text = re.sub(r"<@[A-Z0-9]+>\s*", "", event.get("text") or "").strip()
+        text = event.get("text") if isinstance(event.get("text"), str) else ""
+        text = re.sub(r"<@[A-Z0-9]+>\s*", "", text).strip()
         if not text or not event.get("channel"):
             return self._ignored(req, "event without text")
         if self._duplicate(req, "slack", str(doc.get("event_id") or f"{event.get('channel')}:{event.get('ts')}")):
@@ -2449,16 +2459,16 @@ class Platforms:
                 raise InvalidJSON("the 'payload' form field is not valid JSON") from None
             if not isinstance(payload, dict):
                 raise BadRequest("the 'payload' form field must be a JSON object")
-            actions = payload.get("actions") or []
-            values = [str(a.get("value") or (a.get("selected_option") or {}).get("value") or a.get("action_id") or "")
-                      for a in actions if isinstance(a, dict)]
-            message = " ".join(v for v in values if v) or json_dumps(payload.get("view", {}).get("state", {}) or payload.get("type"))
+            actions = [a for a in payload.get("actions") or [] if isinstance(a, dict)] if isinstance(payload.get("actions"), list) else []
+            values = [str(a.get("value") or _obj(a.get("selected_option")).get("value") or a.get("action_id") or "")
+                      for a in actions]
+            message = " ".join(v for v in values if v) or json_dumps(_obj(payload.get("view")).get("state") or payload.get("type"))
             key = payload.get("trigger_id") or f"{payload.get('type')}:{message}:{payload.get('action_ts')}"
             if self._duplicate(req, "slack", str(key)):
                 return Response(200)
-            context = {"platform": "slack", "type": payload.get("type"), "user": (payload.get("user") or {}).get("id"),
-                       "channel": (payload.get("channel") or {}).get("id"),
-                       "action_ids": [a.get("action_id") for a in actions if isinstance(a, dict)]}
+            context = {"platform": "slack", "type": payload.get("type"), "user": _obj(payload.get("user")).get("id"),
+                       "channel": _obj(payload.get("channel")).get("id"),
+                       "action_ids": [a.get("action_id") for a in actions]}
             # Slack ignores the reply body of an interaction: the answer always goes to response_url
             late = functools.partial(self._slack_respond, payload.get("response_url"))
             self._answer(req, "slack", "slack_agent", message, context, late, always_late=True)
@@ -2497,7 +2507,7 @@ class Platforms:
         self.app._rate_limit(self.app.hook_limiter, "discord", req, "discord")
         if doc.get("id") and self._duplicate(req, "discord", str(doc["id"])):
             return Response.json(200, {"type": 6})
-        user = (doc.get("member") or {}).get("user") or doc.get("user") or {}
+        user = _obj(_obj(doc.get("member")).get("user") or doc.get("user"))
         context = {"platform": "discord", "interaction_id": doc.get("id"), "guild_id": doc.get("guild_id"),
                    "channel_id": doc.get("channel_id"), "user_id": user.get("id"), "username": user.get("username")}
         late = functools.partial(self._discord_edit, doc.get("application_id"), doc.get("token"))

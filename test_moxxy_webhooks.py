@@ -5402,3 +5402,46 @@ def test_malformed_framing_gets_a_json_error_and_a_closed_connection(gw, head, s
     assert got == status and body["success"] is False and headers.get("connection") == "close"
     assert f.read() == b""  # closed
     sock.close()
+
+
+def _mangled(doc, odd):
+    """Every variant of a document with one field (at any depth) replaced by an odd value."""
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            yield {**doc, key: odd}
+            for inner in _mangled(value, odd):
+                yield {**doc, key: inner}
+    elif isinstance(doc, list):
+        for i, value in enumerate(doc):
+            for inner in _mangled(value, odd):
+                yield doc[:i] + [inner] + doc[i + 1:]
+
+
+ODD_VALUES = [7, "text", [1, "x"], None, {"x": 1}]
+
+
+def test_odd_shaped_platform_payloads_never_get_a_500(gw, discord_key):
+    """Signed (so trusted for origin), but any field may have a shape we did not expect."""
+    gw.vault_set("telegram_secret_token", TG_SECRET)
+    gw.vault_set("slack_signing_secret", SLACK_SECRET)
+    gw.vault_set("discord_public_key", public_hex(discord_key))
+    for key in ("telegram_api_url", "slack_api_url", "discord_api_url"):  # answers go nowhere, fast
+        gw.vault_set(key, "http://127.0.0.1:9")
+    gw.vault_set("slack_response_url_hosts", "127.0.0.1:9")
+    block_actions = {"type": "block_actions", "trigger_id": "t", "user": {"id": "U1"}, "channel": {"id": "C1"},
+                     "response_url": "http://127.0.0.1:9/actions/1", "view": {"state": {}},
+                     "actions": [{"action_id": "a", "value": "v", "selected_option": {"value": "o"}}]}
+    modal = {"type": 5, "id": "m1", "application_id": "1", "token": "t",
+             "data": {"custom_id": "form", "components": [{"components": [{"custom_id": "f", "value": "v"}]}]}}
+    statuses = set()
+    for odd in ODD_VALUES:
+        for doc in _mangled(tg_update("hi", update_id=1, chat={"id": 5}), odd):
+            statuses.add(telegram(gw, doc)[0])
+        for doc in _mangled(json.loads(slack_event(text="hi")), odd):
+            statuses.add(slack(gw, "/api/webhooks/slack", json.dumps(doc).encode(), form=False)[0])
+        for doc in _mangled(block_actions, odd):
+            statuses.add(slack(gw, "/api/webhooks/slack/interactive",
+                               urllib.parse.urlencode({"payload": json.dumps(doc)}).encode())[0])
+        for doc in list(_mangled(DISCORD_COMMAND, odd)) + list(_mangled(modal, odd)):
+            statuses.add(discord(gw, discord_key, doc)[0])
+    assert 500 not in statuses and statuses <= {200, 400}
