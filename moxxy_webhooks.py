@@ -470,10 +470,6 @@ class Vault:
     def __init__(self, path: str):
         self.file = JsonFile(path, dict, _compile_vault)
 
-    def raw(self, key: str) -> str | None:
-        """Return the stored value, references unresolved."""
-        return self.file.current().get(key)
-
     def get(self, key: str, default: str | None = None) -> str | None:
         """Return the resolved value; a stored reference that does not resolve raises VaultError."""
         value = self.file.current().get(key)
@@ -484,9 +480,6 @@ class Vault:
     def setting(self, key: str) -> str:
         """Return a setting with its built-in default (``*_api_url`` keys and friends)."""
         return self.get(key) or PLATFORM_API_DEFAULTS.get(key, "")
-
-    def keys(self) -> list[str]:
-        return sorted(self.file.current())
 
     def set(self, key: str, value: str) -> None:
         self.file.update(lambda doc: doc.__setitem__(key, value))
@@ -1351,17 +1344,23 @@ AUTH_SCHEMES = ("header", "github", "standard", "gitlab", "bearer", "basic")
 BUILTIN_DEFAULT_AGENT = {"kind": "echo"}
 
 
-def _expect(cfg: dict, key: str, types, field: str, required: bool = False, default: Any = None) -> Any:
-    """Fetch ``cfg[key]`` checking its type; name the field on error."""
+_JSON_TYPE_NAMES = {str: "a string", dict: "an object", list: "an array", bool: "true or false", int: "an integer",
+                    float: "a number"}
+
+
+def _expect(cfg: dict, key: str, types, field: str, required: bool = False, default: Any = None,
+            error: Callable[[str], HTTPError] | None = None) -> Any:
+    """Fetch ``cfg[key]`` checking its JSON type; raise ``error(message)`` (default: a ConfigError naming ``field``)."""
+    fail = error or (lambda message: ConfigError(field, message))
+    types = types if isinstance(types, tuple) else (types,)
     if key not in cfg or cfg[key] is None:
         if required:
-            raise ConfigError(field, "is required")
+            raise fail("is required")
         return default
     value = cfg[key]
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,))):
-        names = " or ".join(t.__name__.replace("str", "string").replace("dict", "object").replace("list", "array")
-                            for t in (types if isinstance(types, tuple) else (types,)))
-        raise ConfigError(field, f"must be {names}, not {type(value).__name__.replace('str', 'string')}")
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        names = " or ".join(_JSON_TYPE_NAMES[t] for t in types)
+        raise fail(f"must be {names}, not {json.dumps(value)[:40]}")
     return value
 
 
@@ -2638,14 +2637,7 @@ class Response:
 
 def _field(doc: dict, key: str, types, required: bool = False, default: Any = None, nonempty: bool = False) -> Any:
     """Fetch a request field, checking its type (a 400 names the field)."""
-    if key not in doc or doc[key] is None:
-        if required:
-            raise BadRequest(f"'{key}' is required")
-        return default
-    value = doc[key]
-    if not isinstance(value, types) or isinstance(value, bool) and types is not bool:
-        kind = {str: "a string", dict: "an object", list: "an array", bool: "true or false"}.get(types, str(types))
-        raise BadRequest(f"'{key}' must be {kind}, not {json.dumps(value)[:40]}")
+    value = _expect(doc, key, types, key, required, default, error=lambda message: BadRequest(f"'{key}' {message}"))
     if nonempty and not value:
         raise BadRequest(f"'{key}' must not be empty")
     return value

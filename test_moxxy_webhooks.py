@@ -1182,7 +1182,7 @@ def _hook(**fields):
 @pytest.mark.parametrize("cfg, field, fragment", [
     (_hook(bogus=1), "bogus", "unknown field"),
     (_hook(response_mode="later"), "response_mode", "'sync' or 'async'"),
-    (_hook(response_mode=1), "response_mode", "must be string"),
+    (_hook(response_mode=1), "response_mode", "must be a string"),
     (_hook(allowed_ips=["10.0.0.0/8", "10.0.0.0/33"]), "allowed_ips[1]", "not an IP address or CIDR"),
     (_hook(allowed_ips="10.0.0.0/8, bogus"), "allowed_ips[1]", "'bogus'"),
     (_hook(allowed_ips=5), "allowed_ips", "list"),
@@ -1202,21 +1202,21 @@ def _hook(**fields):
     (_hook(filters={"exclude": "ok", "include": 5}), "filters.include", "list"),
     (_hook(filters={"includes": ["x"]}), "filters.includes", "unknown field"),
     (_hook(agent="nope"), "agent", "unknown agent 'nope'"),
-    (_hook(agent=5), "agent", "must be string"),
+    (_hook(agent=5), "agent", "must be a string"),
     ({"agent": "default"}, "secret", "is required"),
-    (_hook(secret=5), "secret", "must be string"),
+    (_hook(secret=5), "secret", "must be a string"),
     (_hook(secret="x" * 1025), "secret", "longer than"),
     (_hook(auth=["header", "magic"]), "auth", "none"),
     (_hook(auth=[]), "auth", "none"),
     (_hook(auth="all"), "auth", "none"),
-    (_hook(enabled="yes"), "enabled", "must be bool"),
+    (_hook(enabled="yes"), "enabled", "must be true or false"),
     (_hook(timeout=0), "timeout", "between"),
     (_hook(timeout=4000), "timeout", "between"),
     (_hook(max_concurrency=0), "max_concurrency", "at least 1"),
-    (_hook(max_concurrency=True), "max_concurrency", "must be int"),
+    (_hook(max_concurrency=True), "max_concurrency", "must be an integer"),
     (_hook(reply_to=[{"url": "ftp://x"}]), "reply_to[0].url", "http"),
     (_hook(reply_to=[{"url": "http://x", "header": {}}]), "reply_to[0].header", "unknown field"),
-    (_hook(reply_to="http://x"), "reply_to", "must be array"),
+    (_hook(reply_to="http://x"), "reply_to", "must be an array"),
     (_hook(previous_secrets=[{"secret": "old"}]), "previous_secrets[0]", "expires_at"),
 ], ids=lambda v: None)
 def test_validate_webhook_errors_name_the_field(cfg, field, fragment):
@@ -1238,13 +1238,13 @@ def test_validate_webhook_not_an_object():
 @pytest.mark.parametrize("cfg, field, fragment", [
     ({"kind": "shell"}, "kind", "must be one of echo, command, http, openai"),
     ({}, "kind", "is required"),
-    ({"kind": 1}, "kind", "must be string"),
+    ({"kind": 1}, "kind", "must be a string"),
     ({"kind": "echo", "argv": ["x"]}, "argv", "unknown field"),
     ({"kind": "command"}, "argv", "is required"),
     ({"kind": "command", "argv": []}, "argv", "non-empty list"),
     ({"kind": "command", "argv": [""]}, "argv", "non-empty list"),
     ({"kind": "command", "argv": ["echo", 1]}, "argv", "non-empty list"),
-    ({"kind": "command", "argv": "echo hi"}, "argv", "must be array"),
+    ({"kind": "command", "argv": "echo hi"}, "argv", "must be an array"),
     ({"kind": "command", "argv": ["echo"], "env": {"A": 1}}, "env", "object of strings"),
     ({"kind": "http"}, "url", "http:// or https://"),
     ({"kind": "http", "url": "ftp://x"}, "url", "http:// or https://"),
@@ -1252,8 +1252,8 @@ def test_validate_webhook_not_an_object():
     ({"kind": "openai", "base_url": "http://x"}, "model", "is required"),
     ({"kind": "openai", "model": "m"}, "base_url", "http:// or https://"),
     ({"kind": "echo", "timeout": -1}, "timeout", "between"),
-    ({"kind": "echo", "timeout": "5"}, "timeout", "must be int or float"),
-    ({"kind": "echo", "generic": "yes"}, "generic", "must be bool"),
+    ({"kind": "echo", "timeout": "5"}, "timeout", "must be an integer or a number"),
+    ({"kind": "echo", "generic": "yes"}, "generic", "must be true or false"),
 ], ids=lambda v: None)
 def test_validate_agent_errors_name_the_field(cfg, field, fragment):
     with pytest.raises(mw.ConfigError) as e:
@@ -1291,8 +1291,8 @@ def test_validate_agent_good(cfg, kind, generic, timeout):
     ({"version": 1, "agents": {"Bad": {"kind": "echo"}}}, "agents.Bad", "name"),
     ({"version": 2}, "version", "unsupported version 2"),
     ({"version": 1, "extra": 1}, "extra", "unknown field"),
-    ({"version": 1, "webhooks": []}, "webhooks", "must be object"),
-    ({"version": 1, "agents": "echo"}, "agents", "must be object"),
+    ({"version": 1, "webhooks": []}, "webhooks", "must be an object"),
+    ({"version": 1, "agents": "echo"}, "agents", "must be an object"),
 ], ids=["webhook-field", "webhook-agent", "webhook-condition", "reserved", "webhook-name", "agent-kind",
         "agent-name", "version", "unknown-top", "webhooks-list", "agents-string"])
 def test_compile_config_errors_name_the_field(raw, field, fragment):
