@@ -5445,3 +5445,14 @@ def test_odd_shaped_platform_payloads_never_get_a_500(gw, discord_key):
         for doc in list(_mangled(DISCORD_COMMAND, odd)) + list(_mangled(modal, odd)):
             statuses.add(discord(gw, discord_key, doc)[0])
     assert 500 not in statuses and statuses <= {200, 400}
+
+
+def test_admin_write_to_a_corrupt_webhooks_json_is_503_and_leaves_it_alone(gw):
+    assert gw.admin_call("POST", "/api/webhooks", {"name": "kept", "secret": "s"})[0] == 201
+    with open(gw.paths.webhooks, "w") as f:
+        f.write('{"version": 1, "webhooks": {')
+    status, _, body = gw.admin_call("POST", "/api/webhooks", {"name": "new", "secret": "s"})
+    assert status == 503 and body["code"] == "unavailable"
+    assert "webhooks.json is invalid and was not changed" in body["error"] and gw.paths.root not in body["error"]
+    assert open(gw.paths.webhooks).read() == '{"version": 1, "webhooks": {'
+    assert gw.request("POST", "/api/webhooks/kept", {"message": "m"}, {"X-Webhook-Secret": "s"})[0] == 200  # last good
