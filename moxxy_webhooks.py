@@ -3478,8 +3478,13 @@ def remove_agent(store: JsonFile, name: str) -> None:
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time, level, message, plus a request's fields."""
 
+    _second = (0, "")  # the time text of the last second formatted (one strftime a second)
+
     def format(self, record: logging.LogRecord) -> str:
-        doc = {"time": utcnow_iso(record.created), "level": record.levelname.lower()}
+        second = int(record.created)
+        if self._second[0] != second:
+            self._second = (second, utcnow_iso(second))
+        doc = {"time": self._second[1], "level": record.levelname.lower()}
         fields = getattr(record, "fields", None)
         if fields:
             doc.update(fields)
@@ -3907,6 +3912,8 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
 def _configure_logging(level: str, fmt: str, log_file: str | None) -> None:
     handler = BatchingLogHandler(open(log_file, "a", encoding="utf-8") if log_file else sys.stderr)
     handler.setFormatter(JsonLogFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    # none of our formats shows thread or process: skip collecting them for every record
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger("moxxy_webhooks")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
