@@ -1705,7 +1705,9 @@ def _communicate(proc: subprocess.Popen, data: bytes, deadline: float) -> tuple[
     ``Popen.wait(timeout)`` would poll with sleeps, about 1 ms per run.
     """
     out, err = bytearray(), bytearray()
-    sel = selectors.DefaultSelector()
+    # poll() rather than epoll: one system call per wait instead of create + ctl per fd + wait + close,
+    # and under load each system call is a GIL hand-off (about +20% command agent throughput)
+    sel = selectors.PollSelector()
     view, sent = memoryview(data), 0
     pidfd = None
     with contextlib.suppress(AttributeError, OSError):
