@@ -1713,6 +1713,11 @@ def _communicate(proc: subprocess.Popen, data: bytes, deadline: float) -> tuple[
     with contextlib.suppress(AttributeError, OSError):
         pidfd = os.pidfd_open(proc.pid)
         sel.register(pidfd, selectors.EVENT_READ, "exit")
+    if 0 < len(data) <= 4096:
+        # a short message fits in any fresh pipe (PIPE_BUF writes are atomic): one write, no waiting
+        with contextlib.suppress(BrokenPipeError):
+            os.write(proc.stdin.fileno(), data)
+        data = b""
     if data:
         # non-blocking: "writable" promises room for one page only, and a larger blocking write
         # would deadlock with a child that is itself blocked writing its stdout
