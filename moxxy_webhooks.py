@@ -3972,7 +3972,15 @@ def serve(state: CliState, **kw) -> None:
     app = App(state.paths, options)
     with _errors():
         made = app.start()
+    try:
         server = Server(app)
+    except ssl.SSLError as e:
+        app.stop(0)
+        raise click.ClickException(f"cannot use --tls-cert/--tls-key: {e.reason or e}") from None
+    except OSError as e:
+        app.stop(0)
+        raise click.ClickException(f"cannot listen on {options.host}:{options.port}: {e.strerror or e} "
+                                   "(another server on that port? choose one with --port)") from None
     if made:
         click.echo(f"Generated {' and '.join(made)} in {state.paths.vault}. Read them with:\n"
                    + "".join(f"  moxxy-webhooks vault get {k}\n" for k in made), err=True)

@@ -5456,3 +5456,21 @@ def test_admin_write_to_a_corrupt_webhooks_json_is_503_and_leaves_it_alone(gw):
     assert "webhooks.json is invalid and was not changed" in body["error"] and gw.paths.root not in body["error"]
     assert open(gw.paths.webhooks).read() == '{"version": 1, "webhooks": {'
     assert gw.request("POST", "/api/webhooks/kept", {"message": "m"}, {"X-Webhook-Secret": "s"})[0] == 200  # last good
+
+
+def test_serve_on_a_busy_port_says_so(runner):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = runner("serve", "--port", str(port))
+    assert result.exit_code == 1
+    assert f"Error: cannot listen on 127.0.0.1:{port}: Address already in use" in result.output
+
+
+def test_serve_with_a_bad_tls_key_says_so(runner, tmp_path):
+    cert, _ = _self_signed(tmp_path)
+    bad_key = tmp_path / "bad.pem"
+    bad_key.write_text("not a key")
+    result = runner("serve", "--port", "0", "--tls-cert", cert, "--tls-key", str(bad_key))
+    assert result.exit_code == 1 and "Error: cannot use --tls-cert/--tls-key:" in result.output
