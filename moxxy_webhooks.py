@@ -418,6 +418,7 @@ class JsonFile:
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         with file_lock(self.path):
             raw = self.read_raw()
+            self._load(raw)  # already invalid (a hand edit): refuse, naming the file, before changing anything
             result = change(raw)
             self.compile(raw)
             atomic_write(self.path, (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode())
@@ -1945,8 +1946,11 @@ def public_delivery(row: sqlite3.Row | dict) -> dict:
 
 def connect_db(path: str) -> sqlite3.Connection:
     """Open ``deliveries.db`` in WAL mode with synchronous=FULL, files 0600."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    os.close(fd)
+    # Create it 0600 only if it is missing. Never open and close a database file this process
+    # may already hold: closing any descriptor of a file drops all the process's POSIX locks on
+    # it, and SQLite would then let another process delete the WAL under our feet.
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
@@ -3252,12 +3256,20 @@ class App:
             except (AgentFailed, AgentTimeout) as e:
                 if wh.split is None:
                     raise
-                results.append(Response.error(e))  # one failed item must not hide the others' answers
+                # one failed item must not hide the others' answers
+                results.append(Response.json(e.status, {**e.body(), "delivery_id": item_id}))
         if wh.split is None:
             return results[0]
         req.info["outcome"] = "split"
-        return Response.json(202 if mode == "async" else 200,
-                             {"success": True, "deliveries": [json.loads(r.body) for r in results]})
+        docs = [json.loads(r.body) for r in results]
+        failed = [r.status for r in results if r.status >= 500]
+        if failed:
+            # a 5xx as a whole, so that the sender retries (Alertmanager retries only 5xx); the items
+            # that succeeded run again then: at least once, never lost
+            req.info["outcome"] = "agent_failed"
+            return Response.json(max(failed), {"success": False, "code": "agent_failed", "deliveries": docs,
+                                               "error": f"{len(failed)} of {len(docs)} deliveries failed"})
+        return Response.json(202 if mode == "async" else 200, {"success": True, "deliveries": docs})
 
     # --- admin: webhooks ---
 
@@ -3458,7 +3470,8 @@ def save_agent(store: JsonFile, name: str, cfg: dict, create: bool) -> None:
     def change(doc: dict) -> None:
         agents = doc.setdefault("agents", {})
         if create and name in agents:
-            raise Conflict(f"agent '{name}' already exists")
+            raise Conflict(f"agent '{name}' already exists (replace it with 'agent add {name} ... --replace' "
+                           f"or PUT /api/agents/{name})")
         if not create and name not in agents and name != "default":
             raise NotFound(f"unknown agent '{name}'")
         validate_agent(name, cfg)

@@ -4667,7 +4667,8 @@ def test_agent_add_errors(runner):
     assert bad_url.exit_code == 1 and error_line(bad_url) == "Error: url: must be an http:// or https:// URL"
     runner("agent", "add", "ec", "--echo")
     dup = runner("agent", "add", "ec", "--echo")
-    assert dup.exit_code == 1 and error_line(dup) == "Error: agent 'ec' already exists"
+    assert dup.exit_code == 1 and error_line(dup) == ("Error: agent 'ec' already exists (replace it with 'agent add ec ... --replace' "
+                                                           "or PUT /api/agents/ec)")
     replaced = runner("agent", "add", "ec", "--url", "http://127.0.0.1:9/x", "--replace")
     assert replaced.exit_code == 0 and agents_in(runner)["ec"]["kind"] == "http"
 
@@ -5474,3 +5475,42 @@ def test_serve_with_a_bad_tls_key_says_so(runner, tmp_path):
     bad_key.write_text("not a key")
     result = runner("serve", "--port", "0", "--tls-cert", cert, "--tls-key", str(bad_key))
     assert result.exit_code == 1 and "Error: cannot use --tls-cert/--tls-key:" in result.output
+
+
+def test_the_cli_reading_deliveries_does_not_cost_the_server_its_wal(gateway, tmp_path):
+    """Closing any descriptor of a file drops a process's POSIX locks on it: the server must never do
+    that to its own database, or a CLI reader closing last deletes the WAL the server still writes to."""
+    g = gateway()
+    assert g.generic({"message": "before"})[0] == 200
+    status, _, queued = g.generic({"message": "durable", "response_mode": "async"})
+    assert status == 202
+    assert g.admin_call("GET", f"/api/deliveries/{queued['delivery_id']}?wait=10")[2]["status"] == "succeeded"
+    listing = subprocess.run([PY, mw.__file__, "--data-dir", g.paths.root, "deliveries", "--json"],
+                             capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0 and queued["delivery_id"] in listing.stdout
+    assert os.path.exists(g.paths.db + "-wal")
+    status, _, later = g.generic({"message": "after", "response_mode": "async"})
+    assert g.admin_call("GET", f"/api/deliveries/{later['delivery_id']}?wait=10")[2]["status"] == "succeeded"
+    # a second process sees what the server wrote after the CLI came and went
+    with contextlib.closing(sqlite3.connect(g.paths.db)) as other:
+        assert other.execute("SELECT status FROM deliveries WHERE id = ?", (later["delivery_id"],)).fetchone() == ("succeeded",)
+
+
+def test_split_with_a_failing_agent_is_a_5xx_so_the_sender_retries(gw):
+    gw.add_agent("down", {"kind": "http", "url": "http://127.0.0.1:9/chat", "timeout": 5})
+    status, _, _ = gw.admin_call("POST", "/api/webhooks", {
+        "name": "am", "agent": "down", "secret": "s", "transform": {"split": "$.alerts[*]"}})
+    assert status == 201
+    status, _, body = gw.request("POST", "/api/webhooks/am", raw=ALERTMANAGER_SAMPLE, headers={"Authorization": "Bearer s"})
+    assert status == 502 and body["success"] is False and body["code"] == "agent_failed"
+    [item] = body["deliveries"]
+    assert item["code"] == "agent_failed" and gw.admin_call("GET", f"/api/deliveries/{item['delivery_id']}")[2]["status"] == "failed"
+
+
+def test_writes_while_webhooks_json_no_longer_validates_are_503_naming_the_file(gw):
+    with open(gw.paths.webhooks, "w") as f:
+        json.dump({"version": 1, "agents": {"sl": {"kind": "bogus"}}}, f)
+    status, _, body = gw.admin_call("POST", "/api/webhooks", {"name": "new", "secret": "s"})
+    assert status == 503 and "webhooks.json is invalid and was not changed" in body["error"]
+    result = CliRunner().invoke(mw.cli, ["--data-dir", gw.paths.root, "create", "other", "--secret", "s"])
+    assert result.exit_code == 1 and "webhooks.json: agents.sl: kind: must be one of" in result.output
