@@ -5514,3 +5514,19 @@ def test_writes_while_webhooks_json_no_longer_validates_are_503_naming_the_file(
     assert status == 503 and "webhooks.json is invalid and was not changed" in body["error"]
     result = CliRunner().invoke(mw.cli, ["--data-dir", gw.paths.root, "create", "other", "--secret", "s"])
     assert result.exit_code == 1 and "webhooks.json: agents.sl: kind: must be one of" in result.output
+
+
+def test_readme_filter_reasons(gw):
+    assert gw.admin_call("POST", "/api/webhooks", {"name": "f", "secret": "s", "filters": {
+        "include": ["*.critical", "*.warning"], "exclude": ["test.*"], "condition": "$.severity == 'critical'"}})[0] == 201
+
+    def post(doc):
+        status, _, body = gw.request("POST", "/api/webhooks/f", doc, {"X-Webhook-Secret": "s"})
+        assert status == 200 and body["filtered"] is True
+        return body["reason"], body["event"]
+
+    assert post({"source": "test", "severity": "critical"}) == ("event 'test.critical' matches exclude pattern 'test.*'",
+                                                                "test.critical")
+    assert post({"source": "test", "severity": "debug"}) == ("event 'test.debug' matches no include pattern "
+                                                             "(*.critical, *.warning)", "test.debug")
+    assert post({"source": "prom", "severity": "warning"}) == ("condition is false: $.severity == 'critical'", "prom.warning")
