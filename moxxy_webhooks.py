@@ -1920,6 +1920,14 @@ INSERT_DELIVERY = ("INSERT OR REPLACE INTO deliveries (id, webhook, agent, statu
                    ":response, :error, :reply_to, :created_at, :finished_at, :next_attempt_at)")
 
 
+def _unicode_safe(params: dict | list | tuple) -> dict | list:
+    """Statement parameters with lone surrogates replaced, so that SQLite can store them as UTF-8."""
+    def clean(value):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace") if isinstance(value, str) else value
+
+    return {k: clean(v) for k, v in params.items()} if isinstance(params, dict) else [clean(v) for v in params]
+
+
 def delivery_row(**fields) -> dict:
     """A full row for INSERT_DELIVERY with defaults for what is not given."""
     row = dict(id=None, webhook="generic", agent="default", status="queued", attempts=0, max_attempts=1,
@@ -2070,15 +2078,18 @@ class DeliveryLog:
 
     @staticmethod
     def _execute_one(conn: sqlite3.Connection, op: list) -> None:
-        try:
-            conn.execute(op[0], op[1])
-        except UnicodeEncodeError:  # a lone surrogate in an agent's answer: store it replaced
-            params = op[1]
-            clean = (lambda v: v.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if isinstance(v, str) else v)
-            params = {k: clean(v) for k, v in params.items()} if isinstance(params, dict) else [clean(v) for v in params]
-            conn.execute(op[0], params)
-        except sqlite3.Error as e:
-            op[3] = str(e)
+        """Run one statement of a batch; a failure marks that op only."""
+        params, error = op[1], None
+        for _ in range(2):
+            try:
+                conn.execute(op[0], params)
+                return
+            except UnicodeEncodeError as e:  # a lone surrogate in an agent's answer: store it replaced, once
+                params, error = _unicode_safe(params), e
+            except Exception as e:
+                error = e
+                break
+        op[3] = f"{error.__class__.__name__}: {error}"
 
     def _prune(self, conn: sqlite3.Connection) -> None:
         now = clock()

@@ -5530,3 +5530,16 @@ def test_readme_filter_reasons(gw):
     assert post({"source": "test", "severity": "debug"}) == ("event 'test.debug' matches no include pattern "
                                                              "(*.critical, *.warning)", "test.debug")
     assert post({"source": "prom", "severity": "warning"}) == ("condition is false: $.severity == 'critical'", "prom.warning")
+
+
+def test_one_bad_statement_in_a_batch_does_not_cost_the_others(tmp_path):
+    log = mw.DeliveryLog(str(tmp_path / "deliveries.db"))
+    log.start()
+    try:
+        log.write("INSERT INTO no_such_table VALUES (1)", ())  # nobody waits: it joins the next batch
+        log.insert(wait=True, id="kept", webhook="w", agent="a", status="queued", message="m")  # would raise if lost
+        assert log.get("kept")["status"] == "queued"
+        log.insert(wait=True, id="odd", webhook="w", agent="a", status="succeeded", response="lone \ud800")
+        assert log.get("odd")["response"] == "lone \ufffd"
+    finally:
+        log.stop()
