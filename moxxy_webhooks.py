@@ -2122,6 +2122,10 @@ class DeliveryLog:
         return rows[0] if rows else self._unwritten.get(delivery_id)
 
     def list(self, webhook: str | None = None, status: str | None = None, limit: int = 50) -> list[dict]:
+        """Recent deliveries, newest first, including sync records still on their way to the disk."""
+        limit = max(1, min(limit, 1000))
+        pending = [r for r in list(self._unwritten.values())
+                   if (not webhook or r["webhook"] == webhook) and (not status or r["status"] == status)]
         sql, params = "SELECT * FROM deliveries WHERE 1=1", []
         if webhook:
             sql += " AND webhook = ?"
@@ -2130,8 +2134,11 @@ class DeliveryLog:
             sql += " AND status = ?"
             params.append(status)
         sql += " ORDER BY created_at DESC LIMIT ?"
-        params.append(max(1, min(limit, 1000)))
-        return [public_delivery(r) for r in self.query(sql, params)]
+        params.append(limit)
+        rows = {r["id"]: r for r in self.query(sql, params)}
+        rows.update((r["id"], r) for r in pending)
+        newest = sorted(rows.values(), key=lambda r: r["created_at"], reverse=True)[:limit]
+        return [public_delivery(r) for r in newest]
 
     def wait(self, delivery_id: str, timeout: float) -> sqlite3.Row | None:
         """Return the delivery once it is finished, or as it is when ``timeout`` passes."""

@@ -5543,3 +5543,9 @@ def test_one_bad_statement_in_a_batch_does_not_cost_the_others(tmp_path):
         assert log.get("odd")["response"] == "lone \ufffd"
     finally:
         log.stop()
+
+
+def test_a_sync_delivery_is_listed_at_once(gw):
+    ids = [gw.generic({"message": f"m{i}"})[2]["delivery_id"] for i in range(3)]
+    status, _, body = gw.admin_call("GET", "/api/webhooks/generic/deliveries")
+    assert status == 200 and [d["id"] for d in body["deliveries"]][:3] == ids[::-1]
