@@ -80,6 +80,7 @@ REDACTED = "***"
 DEDUPE_WINDOW = 24 * 3600
 MAX_ARG_BYTES = 131072  # Linux MAX_ARG_STRLEN: the cap on one argv element
 MAX_TEMPLATE_LEN = 16384
+MAX_RENDERED = 1 << 20  # characters a template may render to
 MAX_CONDITION_LEN = 2048
 MAX_CONDITION_DEPTH = 32
 MAX_AGENT_OUTPUT = 1 << 20
@@ -837,7 +838,7 @@ class Template:
             raise ConfigError(field, "must be a string")
         if len(source) > MAX_TEMPLATE_LEN:
             raise ConfigError(field, f"is longer than {MAX_TEMPLATE_LEN} characters")
-        self.source = source
+        self.source, self.field = source, field
         self.parts: list = []  # str, or (segments, [(filter function, args)])
         pos = 0
         while True:
@@ -899,6 +900,8 @@ class Template:
                     if kind == "str":
                         args.append(_unquote(text))
                     elif kind == "num":
+                        if len(text) > 9:  # int() of over 4300 digits raises; no filter needs more than 9
+                            raise ConfigError(field, f"the number at position {at} is too large")
                         args.append(int(text))
                     else:
                         fail(tokens[i], "a quoted string or a number")
@@ -918,15 +921,18 @@ class Template:
         return (tuple(segments), tuple(filters))
 
     def render(self, scopes: list) -> str:
-        out = []
+        """Render against the scopes; refuse (413) an output over MAX_RENDERED characters."""
+        out, size = [], 0
         for part in self.parts:
-            if isinstance(part, str):
-                out.append(part)
-                continue
-            value = lookup_path(scopes, part[0])
-            for func, args in part[1]:
-                value = func(value, *args)
-            out.append(to_text(value))
+            if not isinstance(part, str):
+                value = lookup_path(scopes, part[0])
+                for func, args in part[1]:
+                    value = func(value, *args)
+                part = to_text(value)
+            size += len(part)
+            if size > MAX_RENDERED:  # e.g. {{payload}} repeated: 64 KiB in, 100 MB out
+                raise PayloadTooLarge(f"{self.field} renders to more than {MAX_RENDERED} characters for this payload")
+            out.append(part)
         return "".join(out)
 
 
@@ -2023,7 +2029,8 @@ class DeliveryLog:
 
     def _writer(self) -> None:
         conn = connect_db(self.path)
-        last_prune = 0.0
+        self._prune(conn)  # at start too, not only hourly: short-lived processes must prune
+        last_prune = time.monotonic()
         while True:
             batch = [self._ops.get()]
             # Nobody waits on records of sync deliveries: let them gather for a few ms so that
@@ -2585,6 +2592,17 @@ class Options:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
+def _refuse_constant(name: str) -> Any:
+    raise InvalidJSON(f"the body holds {name}, which is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses to inf and would be echoed back as invalid JSON
+        raise InvalidJSON(f"the body holds the number {text[:40]}, which is out of range")
+    return value
+
+
 @dataclasses.dataclass
 class Request:
     """One HTTP request as the application sees it (no sockets)."""
@@ -2624,7 +2642,7 @@ class Request:
             form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
             body = form.get("payload", [""])[0].encode()
         try:
-            doc = json.loads(body.decode("utf-8"))
+            doc = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
             if _SURROGATE_ESCAPE.search(body):  # "\ud800" alone parses to a str that is not Unicode
                 json.dumps(doc, ensure_ascii=False).encode("utf-8")
             return doc
@@ -3602,6 +3620,22 @@ def http_date() -> str:
     return _date_cache[1]
 
 
+SECRET_FIELDS = frozenset({"secret", "previous_secrets", "api_key", "headers", "env", "value", "token"})
+
+
+def redacted_body(body: bytes) -> str:
+    """An admin request body fit for the log: every secret-bearing field's value replaced by ***."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: REDACTED if k.lower() in SECRET_FIELDS else clean(v) for k, v in value.items()}
+        return [clean(v) for v in value] if isinstance(value, list) else value
+
+    try:
+        return json_dumps(clean(json.loads(body)))
+    except (ValueError, RecursionError):
+        return "(not JSON: not logged)"
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """Translate between the socket and ``App``: parse, admit before reading the body, one send per reply."""
 
@@ -3733,7 +3767,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if coding and not chunked:
                 self.close_connection = True  # RFC 9112 section 6.1: a coding we cannot frame
                 raise BadRequest(f"Transfer-Encoding {coding!r} is not supported: send a plain body with Content-Length")
-            if raw_length is not None and not (raw_length.strip().isascii() and raw_length.strip().isdigit()):
+            if raw_length is not None and not (raw_length.strip().isascii() and raw_length.strip().isdigit()
+                                               and len(raw_length.strip()) <= 18):  # int() refuses 4300+ digits
                 self.close_connection = True
                 raise BadRequest(f"Content-Length {raw_length!r} is not a number")
             length = int(raw_length) if raw_length is not None else 0
@@ -3781,7 +3816,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if req.info.get(key):
                 fields[key] = req.info[key]
         if app.options.log_bodies and req.body:
-            fields["body"] = req.body[:4096].decode("utf-8", "replace")
+            if req.route is not None and req.route.kind == "admin":  # webhook secrets, agent keys: never logged
+                fields["body"] = redacted_body(req.body)[:4096]
+            else:
+                fields["body"] = req.body[:4096].decode("utf-8", "replace")
         # makeRecord + handle: Logger.info would also walk the stack to find the caller, for nothing
         record = access_log.makeRecord(access_log.name, logging.INFO, __file__, 0,
                                        " ".join(f"{k}={v}" for k, v in fields.items()), (), None,
@@ -3948,7 +3986,14 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
 
 
 def _configure_logging(level: str, fmt: str, log_file: str | None) -> None:
-    handler = BatchingLogHandler(open(log_file, "a", encoding="utf-8") if log_file else sys.stderr)
+    stream = sys.stderr
+    if log_file:
+        try:  # 0600 whatever the umask: the log holds client addresses and, with --log-bodies, payloads
+            stream = open(os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a", encoding="utf-8")
+            os.fchmod(stream.fileno(), 0o600)
+        except OSError as e:
+            raise click.ClickException(f"cannot open the log file {log_file}: {e.strerror}") from None
+    handler = BatchingLogHandler(stream)
     handler.setFormatter(JsonLogFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     # none of our formats shows thread or process: skip collecting them for every record
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False

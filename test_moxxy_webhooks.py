@@ -31,6 +31,7 @@ import time
 import urllib.parse
 import uuid
 
+import click
 import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization as _serialization
@@ -758,6 +759,21 @@ def test_template_size_is_bounded():
     for source in ("a" * (mw.MAX_TEMPLATE_LEN + 1), "{{ x }}" * 10_000):
         with pytest.raises(mw.ConfigError, match=f"longer than {mw.MAX_TEMPLATE_LEN}"):
             mw.Template(source)
+
+
+def test_template_filter_number_is_bounded():
+    # int() of over 4300 digits raises ValueError: it must be a config error naming the field, not a 500
+    with pytest.raises(mw.ConfigError) as err:
+        mw.Template("{{ message | truncate(" + "9" * 5000 + ") }}")
+    assert err.value.field == "message_template" and "too large" in err.value.message
+
+
+def test_template_output_is_bounded():
+    tpl = mw.Template("{{payload}}" * 100)
+    assert tpl.render([{"payload": "x" * 100}]) == "x" * 10000
+    with pytest.raises(mw.PayloadTooLarge) as err:
+        tpl.render([{"payload": "x" * 65536}])  # 6.5 MB would come out
+    assert err.value.status == 413 and "message_template" in err.value.message
 
 
 @pytest.mark.parametrize("template", [
@@ -2221,6 +2237,23 @@ def test_conflicting_content_lengths_are_refused(gateway):
         status, headers, body = read_response(f)
         assert status == 400 and body["code"] == "invalid_request"
         assert headers.get("connection", "").lower() == "close"
+
+
+def test_content_length_of_thousands_of_digits_is_a_400(gateway):
+    g = gateway(request_timeout=0.5, idle_timeout=0.5)
+    sock, f = raw_connect(g, head_bytes(g, "/api/webhooks/generic", {"Content-Length": "9" * 5000}))
+    with sock, f:
+        status, headers, body = read_response(f)
+    assert status == 400 and body["code"] == "invalid_request" and "is not a number" in body["error"]
+
+
+@pytest.mark.parametrize("raw", [b'{"message": NaN}', b'{"message": "a", "n": Infinity}',
+                                 b'{"message": "a", "n": -Infinity}', b'{"message": "a", "n": 1e400}'])
+def test_non_json_numbers_are_refused(shared, raw):
+    status, _, body = shared.request("POST", "/api/webhooks/generic", raw=raw,
+                                     headers={"X-Webhook-Secret": shared.secret})
+    assert status == 400 and body["code"] == "invalid_json"
+    assert "not JSON" in body["error"] or "out of range" in body["error"]
 
 
 @pytest.mark.parametrize("given, echoed", [
@@ -5209,7 +5242,9 @@ def test_tls_serves_https_with_tls_1_2_at_least(gateway, tmp_path):
         assert conn.getresponse().status == 200
 
 
-def test_json_access_log_has_the_fields_and_no_secret(gateway):
+@contextlib.contextmanager
+def json_access_log():
+    """Capture the JSON access log in a StringIO for the duration of the block."""
     stream = io.StringIO()
     handler = mw.BatchingLogHandler(stream, interval=60)
     handler.setFormatter(mw.JsonLogFormatter())
@@ -5217,13 +5252,18 @@ def test_json_access_log_has_the_fields_and_no_secret(gateway):
     access.addHandler(handler)
     access.setLevel(logging.INFO)
     try:
-        g = gateway()
-        assert g.generic({"message": "log me"}, **{"X-Request-Id": "req-42"})[0] == 200
-        assert g.generic({"message": "nope"}, secret="wrong")[0] == 401
+        yield stream
         handler.flush()
     finally:
         access.removeHandler(handler)
         handler.close()
+
+
+def test_json_access_log_has_the_fields_and_no_secret(gateway):
+    with json_access_log() as stream:
+        g = gateway()
+        assert g.generic({"message": "log me"}, **{"X-Request-Id": "req-42"})[0] == 200
+        assert g.generic({"message": "nope"}, secret="wrong")[0] == 401
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     ok, refused = [line for line in lines if line["path"] == "/api/webhooks/generic"]
     assert ok["request_id"] == "req-42" and ok["status"] == 200 and ok["outcome"] == "ok"
@@ -5231,6 +5271,35 @@ def test_json_access_log_has_the_fields_and_no_secret(gateway):
     assert {"time", "client", "method", "duration_ms"} <= set(ok)
     assert refused["status"] == 401 and refused["outcome"] == "unauthorized"
     assert g.secret not in stream.getvalue() and "log me" not in stream.getvalue()
+
+
+def test_log_bodies_redacts_admin_secrets(gateway):
+    with json_access_log() as stream:
+        g = gateway(log_bodies=True)
+        status, _, _ = g.admin_call("POST", "/api/webhooks", {"name": "logged", "secret": "s3cret-in-body-xyz",
+                                                              "reply_to": [{"url": "http://127.0.0.1:9/",
+                                                                            "headers": {"X-Key": "hdr-val-xyz"}}]})
+        assert status == 201
+        assert g.generic({"message": "plain body is logged"})[0] == 200
+    text = stream.getvalue()
+    assert "s3cret-in-body-xyz" not in text and "hdr-val-xyz" not in text
+    admin_line = next(json.loads(line) for line in text.splitlines() if json.loads(line)["path"] == "/api/webhooks")
+    assert json.loads(admin_line["body"])["secret"] == "***" and json.loads(admin_line["body"])["name"] == "logged"
+    assert "plain body is logged" in text
+
+
+def test_log_file_is_0600_and_a_missing_folder_is_one_line(tmp_path):
+    old = os.umask(0)
+    try:
+        path = tmp_path / "gw.log"
+        mw._configure_logging("info", "text", str(path))
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        os.umask(old)
+        logging.getLogger("moxxy_webhooks").handlers[:] = []
+    with pytest.raises(click.ClickException) as err:
+        mw._configure_logging("info", "text", str(tmp_path / "missing" / "gw.log"))
+    assert "cannot open the log file" in err.value.message and "No such file" in err.value.message
 
 
 def test_batching_log_handler_writes_warnings_at_once_and_keeps_order():
@@ -5541,6 +5610,26 @@ def test_one_bad_statement_in_a_batch_does_not_cost_the_others(tmp_path):
         assert log.get("kept")["status"] == "queued"
         log.insert(wait=True, id="odd", webhook="w", agent="a", status="succeeded", response="lone \ud800")
         assert log.get("odd")["response"] == "lone \ufffd"
+    finally:
+        log.stop()
+
+
+def test_retention_prunes_at_start(tmp_path):
+    # a process that lives less than an hour must prune too: the first prune runs when the writer starts
+    path = str(tmp_path / "deliveries.db")
+    old, now = mw.clock() - 10 * 86400, mw.clock()
+    log = mw.DeliveryLog(path, retention=86400)
+    for row_id, status, created in [("old-done", "succeeded", old), ("old-queued", "queued", old),
+                                    ("new-done", "succeeded", now)]:
+        log.insert(id=row_id, webhook="w", agent="a", status=status, created_at=created)
+    log.write("INSERT INTO seen (webhook, key, delivery_id, seen_at) VALUES ('w', 'k', 'old-done', ?)", (old,))
+    assert len(log.query("SELECT id FROM deliveries")) == 3
+    log.start()
+    try:
+        log.insert(wait=True, id="after-start", webhook="w", agent="a", status="queued")  # committed after the prune
+        kept = {r["id"] for r in log.query("SELECT id FROM deliveries")}
+        assert kept == {"old-queued", "new-done", "after-start"}  # unfinished jobs are never pruned
+        assert log.query("SELECT * FROM seen") == []
     finally:
         log.stop()
 
