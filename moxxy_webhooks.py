@@ -422,7 +422,13 @@ class JsonFile:
             self._load(raw)  # already invalid (a hand edit): refuse, naming the file, before changing anything
             result = change(raw)
             self.compile(raw)
-            atomic_write(self.path, (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode())
+            try:
+                atomic_write(self.path, (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode())
+            except OSError as e:  # a full disk, a read-only mount: nothing was changed, say so
+                log.error("cannot write %s: %s", self.path, e)
+                raise Unavailable(f"{os.path.basename(self.path)} could not be written ({e.strerror}); "
+                                  "nothing was changed: free space or fix the data directory and retry",
+                                  headers={"Retry-After": "5"}) from None
         getattr(_request_local, "checked", {}).pop(self.path, None)  # this request must see its own change
         return result
 
@@ -2967,22 +2973,27 @@ class App:
                       headers={"Retry-After": str(math.ceil(wait))})
 
     def handle(self, req: Request) -> Response:
-        """Answer one request whose body has been read (the only place a bare Exception is caught)."""
+        """Answer one request whose body has been read."""
         try:
             if req.route is None:
                 self.admit(req, len(req.body))
             return req.route.handler(req)
-        except HTTPError as e:
-            req.info.setdefault("outcome", e.code)
-            return Response.error(e)
-        except DataFileError as e:
-            log.error("%s", e)
-            return Response.error(Unavailable(f"{os.path.basename(e.path)} is invalid and was not changed; "
+        except Exception as e:
+            return self.error_response(req, e)
+
+    def error_response(self, req: Request, exc: Exception) -> Response:
+        """Turn any exception into the JSON error reply: the one place errors become responses."""
+        if isinstance(exc, HTTPError):
+            req.info.setdefault("outcome", exc.code)
+            return Response.error(exc)
+        if isinstance(exc, DataFileError):
+            log.error("%s", exc)
+            req.info.setdefault("outcome", "unavailable")
+            return Response.error(Unavailable(f"{os.path.basename(exc.path)} is invalid and was not changed; "
                                               "fix it (moxxy-webhooks check) and retry"))
-        except Exception:
-            log.exception("internal error on %s %s (request %s)", req.method, req.path, req.request_id)
-            req.info["outcome"] = "internal_error"
-            return Response.error(HTTPError(f"internal error (request id {req.request_id}; see the server log)"))
+        log.error("internal error on %s %s (request %s)", req.method, req.path, req.request_id, exc_info=exc)
+        req.info["outcome"] = "internal_error"
+        return Response.error(HTTPError(f"internal error (request id {req.request_id}; see the server log)"))
 
     # --- authentication helpers ---
 
@@ -3773,14 +3784,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise BadRequest(f"Content-Length {raw_length!r} is not a number")
             length = int(raw_length) if raw_length is not None else 0
             app.admit(req, length, chunked)
-        except HTTPError as e:
+        except Exception as e:  # refused before the body is read: the application words the reply
             if chunked or (raw_length and raw_length.strip() != "0"):
                 self.close_connection = True  # the unread body would be parsed as the next request
-            req.info.setdefault("outcome", e.code)
-            self._send(req, Response.error(e), started)
-            return
-        except DataFileError as e:
-            self._send(req, Response.error(Unavailable(f"{os.path.basename(e.path)} is invalid; see the server log")), started)
+            self._send(req, app.error_response(req, e), started)
             return
         if length and headers.get("expect", "").lower() == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")

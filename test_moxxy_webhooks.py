@@ -2156,6 +2156,40 @@ def test_corrupt_webhooks_file_keeps_the_last_good_config(gw):
         assert f.read() == broken
 
 
+def test_admin_write_on_a_full_disk_is_a_503_and_changes_nothing(gw):
+    # RLIMIT_FSIZE makes write() fail with EFBIG as a full disk fails with ENOSPC (Python ignores SIGXFSZ)
+    import resource
+    before = open(gw.paths.webhooks, "rb").read()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 16, hard))
+    try:
+        status, _, body = gw.admin_call("POST", "/api/webhooks", {"name": "big", "description": "x" * 4096})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert status == 503 and body["code"] == "unavailable"
+    assert "webhooks.json could not be written" in body["error"] and "nothing was changed" in body["error"]
+    assert gw.paths.root not in body["error"]  # the file's name, not where it lives
+    assert open(gw.paths.webhooks, "rb").read() == before
+    assert not [n for n in os.listdir(gw.paths.root) if n.startswith(".webhooks.json.")]  # no temp file left
+    assert gw.admin_call("POST", "/api/webhooks", {"name": "big", "description": "x" * 4096})[0] == 201
+
+
+def test_an_unexpected_error_is_a_json_500_with_the_request_id(gw, caplog):
+    def broken(req):
+        raise RuntimeError("boom")
+
+    # a route row whose handler fails: what any bug in a handler would do
+    gw.app.routes.insert(0, mw.Route("GET", re.compile(r"/broken"), broken, "public", "/broken"))
+    with caplog.at_level(logging.ERROR, logger="moxxy_webhooks"):
+        status, headers, body = gw.request("GET", "/broken", headers={"X-Request-Id": "req-500"})
+    assert status == 500 and body == {"success": False, "code": "internal_error",
+                                      "error": "internal error (request id req-500; see the server log)"}
+    assert headers["x-request-id"] == "req-500"
+    record = next(r for r in caplog.records if "internal error" in r.getMessage())
+    assert "req-500" in record.getMessage() and record.exc_info[0] is RuntimeError
+    assert gw.request("GET", "/healthz")[0] == 200  # the server lives on
+
+
 # === HTTP details ===
 
 
