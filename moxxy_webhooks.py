@@ -2586,6 +2586,7 @@ class Options:
     request_timeout: float = 30.0
     idle_timeout: float = 5.0
     max_connections: int = 256
+    max_connections_per_client: int = 64  # below the global cap: one address cannot lock everyone out
     rate_limit: str | None = "100/s"
     trusted_proxies: tuple = ()
     allow_api_exec: bool = False
@@ -3855,6 +3856,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.stopping = False
         self._handlers: set = set()
         self._handlers_lock = threading.Lock()
+        self._per_client: dict = {}  # client address -> open connections
         self._slots = threading.BoundedSemaphore(self.options.max_connections)
         super().__init__((host, port), Handler)
         self._watchdog = threading.Thread(target=self._watch, name="request-deadlines", daemon=True)
@@ -3880,16 +3882,17 @@ class Server(http.server.ThreadingHTTPServer):
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False):
             # over the connection cap: refuse at once rather than queue without bound
-            # (in plain HTTP; a TLS client just sees the connection close)
-            with contextlib.suppress(OSError):
-                if not isinstance(request, ssl.SSLSocket):
-                        request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
-                                    b"Connection: close\r\n\r\n")
-            self.shutdown_request(request)
+            self._refuse(request)
+            return
+        if not self._client_slot(client_address[0], True):
+            # one address holding many sockets (a slowloris, an idle flood) must not starve the others
+            self._slots.release()
+            self._refuse(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
+            self._client_slot(client_address[0], False)
             self._slots.release()
             raise
 
@@ -3897,7 +3900,34 @@ class Server(http.server.ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self._client_slot(client_address[0], False)
             self._slots.release()
+
+    def _client_slot(self, address: str, take: bool) -> bool:
+        """Take or give back one of a client address's connections; False when it holds its share.
+
+        A trusted proxy is exempt: every client behind it shares its address.
+        """
+        if self.options.trusted_proxies and ip_allowed(address, self.options.trusted_proxies):
+            return True
+        with self._handlers_lock:
+            held = self._per_client.get(address, 0)
+            if take and held >= self.options.max_connections_per_client:
+                return False
+            held += 1 if take else -1
+            if held:
+                self._per_client[address] = held
+            else:
+                self._per_client.pop(address, None)
+        return True
+
+    def _refuse(self, request) -> None:
+        """A 503 and a close (in plain HTTP; a TLS client just sees the connection close)."""
+        with contextlib.suppress(OSError):
+            if not isinstance(request, ssl.SSLSocket):
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
+                                b"Connection: close\r\n\r\n")
+        self.shutdown_request(request)
 
     def handle_error(self, request, client_address) -> None:
         exc = sys.exc_info()[1]
@@ -4024,6 +4054,8 @@ def _configure_logging(level: str, fmt: str, log_file: str | None) -> None:
 @click.option("--request-timeout", default=30.0, show_default=True, type=float, help="Deadline for receiving a whole request.")
 @click.option("--idle-timeout", default=5.0, show_default=True, type=float, help="Seconds an idle keep-alive connection stays open.")
 @click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1), help="Concurrent connections.")
+@click.option("--max-connections-per-client", default=64, show_default=True, type=click.IntRange(1),
+              help="Concurrent connections from one client address (trusted proxies exempt).")
 @click.option("--rate-limit", default="100/s", show_default=True, help="Per client IP and per webhook, e.g. 20/s, 600/m or off.")
 @click.option("--trusted-proxy", multiple=True, help="CIDR of a reverse proxy whose X-Forwarded-For is believed (repeatable).")
 @click.option("--allow-api-exec", is_flag=True, help="Let the admin API add command agents and ${env:}/${file:} references.")
@@ -4049,7 +4081,9 @@ def serve(state: CliState, **kw) -> None:
                       queue_size=kw["queue_size"], max_attempts=kw["max_attempts"], retry_base=kw["retry_base"],
                       retention=kw["retention"] * 86400, inline_window=kw["inline_window"], grace=kw["grace"],
                       request_timeout=kw["request_timeout"], idle_timeout=kw["idle_timeout"],
-                      max_connections=kw["max_connections"], rate_limit=kw["rate_limit"], trusted_proxies=proxies,
+                      max_connections=kw["max_connections"],
+                      max_connections_per_client=kw["max_connections_per_client"], rate_limit=kw["rate_limit"],
+                      trusted_proxies=proxies,
                       allow_api_exec=kw["allow_api_exec"], log_bodies=kw["log_bodies"],
                       metrics_admin=kw["metrics_admin"], tls_cert=kw["tls_cert"], tls_key=kw["tls_key"])
     app = App(state.paths, options)

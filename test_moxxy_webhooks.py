@@ -5366,6 +5366,38 @@ def test_connection_cap_refuses_extra_connections_with_503(gateway):
     first.close()
 
 
+def test_one_client_cannot_take_every_connection(gateway):
+    # a slowloris or idle flood from one address hits its own share, and another address is still served
+    g = gateway(max_connections=8, max_connections_per_client=2, idle_timeout=30)
+    held = [socket.create_connection(("127.0.0.1", g.port), timeout=10, source_address=("127.0.0.1", 0))
+            for _ in range(2)]
+    try:
+        for sock in held:  # answered, so each is known to hold its slot
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        with socket.create_connection(("127.0.0.1", g.port), timeout=10, source_address=("127.0.0.1", 0)) as third:
+            third.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert third.recv(4096).startswith(b"HTTP/1.1 503")
+        with socket.create_connection(("127.0.0.1", g.port), timeout=10, source_address=("127.0.0.2", 0)) as other:
+            other.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert other.recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_trusted_proxy_is_exempt_from_the_per_client_cap(gateway):
+    g = gateway(max_connections=8, max_connections_per_client=1, trusted_proxies=mw.parse_networks("127.0.0.1"))
+    first = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
+    first.request("GET", "/healthz")
+    assert first.getresponse().read()
+    second = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
+    second.request("GET", "/healthz")
+    assert second.getresponse().status == 200
+    first.close()
+    second.close()
+
+
 def test_metrics_admin_flag_protects_metrics(gateway):
     g = gateway(metrics_admin=True)
     assert g.request("GET", "/metrics")[0] == 401
