@@ -2835,6 +2835,7 @@ class App:
         self._slots: dict = {}
         self._slots_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
+        self._unsaved: dict = {}  # delivery id -> (final fields, reply_to) whose commit failed
         self.background = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, self.options.workers * 2),
                                                                 thread_name_prefix="background")
         self.platforms = Platforms(self)
@@ -3119,6 +3120,8 @@ class App:
 
     def _run_job(self, delivery_id: str) -> bool:
         """Run one queued delivery; return True once it is finished (succeeded or failed for good)."""
+        if delivery_id in self._unsaved:  # it ran; only its final status is still to be written
+            return self._finish(delivery_id, *self._unsaved.pop(delivery_id))
         row = self.deliveries.get(delivery_id)
         if row is None or row["status"] not in ("queued", "running"):
             return True
@@ -3145,9 +3148,23 @@ class App:
             final = dict(status="succeeded", response=response, error=None, message=None, context=None,
                          finished_at=clock(), next_attempt_at=None)
         self.metrics.delivery(final["status"], time.monotonic() - started)
-        self.deliveries.update(delivery_id, wait=bool(row["reply_to"]), **final)
-        if row["reply_to"]:
-            self._send_replies(json.loads(row["reply_to"]), public_delivery(self.deliveries.get(delivery_id)))
+        return self._finish(delivery_id, final, row["reply_to"])
+
+    def _finish(self, delivery_id: str, final: dict, reply_to: str | None) -> bool:
+        """Commit a job's final status; if that fails (a full disk), keep it and write it again later.
+
+        Without this the record would stay ``running`` and the job would run again at the next start.
+        """
+        try:
+            self.deliveries.update(delivery_id, wait=True, **final)
+        except HTTPError as e:
+            log.error("delivery %s: the final status (%s) is kept in memory and written again in %gs: %s",
+                      delivery_id, final["status"], self.options.retry_base, e.message)
+            self._unsaved[delivery_id] = (final, reply_to)
+            self.jobs.put(delivery_id, clock() + self.options.retry_base)
+            return False
+        if reply_to:
+            self._send_replies(json.loads(reply_to), public_delivery(self.deliveries.get(delivery_id)))
         return True
 
     def _send_replies(self, targets: list, record: dict) -> None:

@@ -1631,6 +1631,25 @@ def test_generic_async_then_delivery_record(gw):
     assert_error(gw.request("GET", headers["location"], headers={"X-Webhook-Secret": "nope"}), 401, "unauthorized")
 
 
+def test_a_failing_final_commit_is_written_again_not_left_running(gateway, caplog):
+    # a real failing commit: a trigger in the database refuses the final status, as a full disk would
+    g = gateway(retry_base=0.05)
+    db = sqlite3.connect(g.paths.db, timeout=30)
+    db.execute("CREATE TRIGGER refuse_final BEFORE UPDATE OF status ON deliveries WHEN NEW.status = 'succeeded' "
+               "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    db.commit()
+    with caplog.at_level(logging.ERROR, logger="moxxy_webhooks"):
+        delivery_id = g.generic({"message": "once", "response_mode": "async"})[2]["delivery_id"]
+        assert eventually(lambda: any("final status (succeeded) is kept" in r.getMessage() for r in caplog.records))
+    assert g.admin_call("GET", f"/api/deliveries/{delivery_id}")[2]["status"] == "running"
+    db.execute("DROP TRIGGER refuse_final")
+    db.commit()
+    db.close()
+    record = g.admin_call("GET", f"/api/deliveries/{delivery_id}?wait=10")[2]
+    assert record["status"] == "succeeded" and record["response"] == "once"
+    assert record["attempts"] == 1  # the agent ran once: only the write was repeated
+
+
 @pytest.mark.parametrize("secret", ["", "wrong-secret", None], ids=["empty", "wrong", "missing"])
 def test_generic_wrong_or_missing_secret_is_401(shared, secret):
     headers = {} if secret is None else {"X-Webhook-Secret": secret}
