@@ -83,6 +83,7 @@ MAX_TEMPLATE_LEN = 16384
 MAX_RENDERED = 1 << 20  # characters a template may render to
 MAX_CONDITION_LEN = 2048
 MAX_CONDITION_DEPTH = 32
+MAX_CONDITION_COST = 1_000_000  # value comparisons per evaluation (about a second of CPU at most)
 MAX_AGENT_OUTPUT = 1 << 20
 MAX_OUTBOUND_RESPONSE = 4 << 20
 PLATFORM_API_DEFAULTS = {
@@ -1060,6 +1061,14 @@ class CondEnv:
     context: dict
     headers: dict
     query: dict
+    cost: int = 0  # comparisons spent so far (MAX_CONDITION_COST bounds one evaluation)
+
+    def spend(self, units: int) -> None:
+        """Count work; refuse (413) a payload that would make the condition cost more than the budget."""
+        self.cost += units
+        if self.cost > MAX_CONDITION_COST:
+            raise PayloadTooLarge(f"the condition would compare more than {MAX_CONDITION_COST} values "
+                                  "for this payload: narrow its paths or send a smaller payload")
 
 
 def _is_number(v: Any) -> bool:
@@ -1141,8 +1150,12 @@ class _Compare:
         self.func = _COMPARATORS[op]
 
     def test(self, env: CondEnv) -> bool:
-        rights = self.right.values(env)
-        return any(self.func(a, b) for a in self.left.values(env) for b in rights)
+        lefts, rights = self.left.values(env), self.right.values(env)
+        # every pair may be compared, and membership walks the container: count before doing the work
+        per_pair = max([len(v) for v in (rights if self.op in ("in", "not in") else lefts if self.op == "contains" else ())
+                        if isinstance(v, (list, str, dict))] + [1])
+        env.spend(len(lefts) * len(rights) * per_pair)
+        return any(self.func(a, b) for a in lefts for b in rights)
 
     def values(self, env):
         return [self.test(env)]

@@ -1052,6 +1052,17 @@ def test_condition_field_is_named():
     assert str(e.value).startswith("webhooks.deploy.filters.condition: ")
 
 
+def test_condition_cost_is_bounded():
+    # a 400-item list against every match of $..x: 20,000 matches would be 8 million comparisons
+    cond = mw.Condition("$..x in [" + ",".join(str(i) for i in range(400)) + "]")
+    small = {"a": [{"x": i} for i in range(1000)]}
+    assert cond.test(mw.CondEnv(small, {}, {}, {})) is True
+    big = {"a": [{"x": f"y{i}"} for i in range(20000)]}
+    with pytest.raises(mw.PayloadTooLarge) as err:
+        cond.test(mw.CondEnv(big, {}, {}, {}))
+    assert err.value.status == 413 and "more than 1000000 values" in err.value.message
+
+
 # --- event names and globs ---
 
 @pytest.mark.parametrize("headers, payload, expected", [
