@@ -1151,10 +1151,10 @@ class _Compare:
 
     def test(self, env: CondEnv) -> bool:
         lefts, rights = self.left.values(env), self.right.values(env)
-        # every pair may be compared, and membership walks the container: count before doing the work
-        per_pair = max([len(v) for v in (rights if self.op in ("in", "not in") else lefts if self.op == "contains" else ())
-                        if isinstance(v, (list, str, dict))] + [1])
-        env.spend(len(lefts) * len(rights) * per_pair)
+        # every pair may be compared, and membership walks its container: count before doing the work
+        containers = rights if self.op in ("in", "not in") else lefts if self.op == "contains" else ()
+        walk = max((len(c) for c in containers if isinstance(c, (list, str, dict))), default=1)
+        env.spend(len(lefts) * len(rights) * walk)
         return any(self.func(a, b) for a in lefts for b in rights)
 
     def values(self, env):
