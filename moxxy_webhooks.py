@@ -2338,6 +2338,10 @@ class Platforms:
             raise NotConfigured(f"{platform} is not configured (set vault key {key})")
         return value
 
+    def verify(self, platform: str, req: Request) -> None:
+        """Check a platform request's signature or secret token (404 until its key is in the vault)."""
+        {"telegram": self._telegram_verify, "slack": self._slack_verify, "discord": self._discord_verify}[platform](req)
+
     def _ignored(self, req: Request, why: str, body: Any = None) -> Response:
         req.info["outcome"] = "ignored"
         log.info("%s: ignored: %s", req.info.get("webhook"), why)
@@ -2396,14 +2400,14 @@ class Platforms:
 
     # --- Telegram ---
 
-    def telegram(self, req: Request) -> Response:
-        """Telegram updates (X-Telegram-Bot-Api-Secret-Token); answers inline with sendMessage."""
-        req.info["webhook"] = "telegram"
+    def _telegram_verify(self, req: Request) -> None:
         secret = self._require("telegram", "telegram_secret_token")
         if not secrets_equal(req.headers.get("x-telegram-bot-api-secret-token"), secret):
             raise Unauthorized("missing or wrong X-Telegram-Bot-Api-Secret-Token (setWebhook's secret_token "
                                "must equal vault telegram_secret_token)")
-        self.app._rate_limit(self.app.hook_limiter, "telegram", req, "telegram")
+
+    def telegram(self, req: Request) -> Response:
+        """Telegram updates (X-Telegram-Bot-Api-Secret-Token); answers inline with sendMessage."""
         update = req.json_object()
         msg = next((update[k] for k in ("message", "edited_message", "channel_post") if isinstance(update.get(k), dict)), None)
         query = _obj(update.get("callback_query"))
@@ -2446,7 +2450,6 @@ class Platforms:
         if not verify_slack_signature(secret, req.body, req.headers.get("x-slack-request-timestamp"),
                                       req.headers.get("x-slack-signature")):
             raise Unauthorized("missing, wrong or stale Slack signature (X-Slack-Signature, timestamp within 5 minutes)")
-        self.app._rate_limit(self.app.hook_limiter, "slack", req, "slack")
 
     def _slack_post(self, channel: str, thread_ts: str | None, text: str) -> None:
         token = self.vault.get("slack_bot_token")
@@ -2474,8 +2477,6 @@ class Platforms:
 
     def slack_events(self, req: Request) -> Response:
         """Slack Events API: URL verification, DMs and @mentions answered in thread."""
-        req.info["webhook"] = "slack"
-        self._slack_verify(req)
         doc = req.json_object()
         if doc.get("type") == "url_verification":
             req.info["outcome"] = "challenge"
@@ -2503,8 +2504,6 @@ class Platforms:
 
     def slack_interactive(self, req: Request) -> Response:
         """Slack slash commands and interactivity (block_actions...): answers to response_url."""
-        req.info["webhook"] = "slack"
-        self._slack_verify(req)
         form = {k: v[0] for k, v in urllib.parse.parse_qs(req.body.decode("utf-8", "replace"), keep_blank_values=True).items()}
         if "payload" in form:
             try:
@@ -2540,15 +2539,16 @@ class Platforms:
 
     # --- Discord ---
 
-    def discord(self, req: Request) -> Response:
-        """Discord interactions (Ed25519): PING, slash commands and components."""
-        req.info["webhook"] = "discord"
+    def _discord_verify(self, req: Request) -> None:
         key = self._require("discord", "discord_public_key")
         if not ed25519_available():
             raise Unavailable("Discord needs Ed25519: install moxxy-webhooks[discord] (the cryptography package)")
         if not verify_discord_signature(key, req.body, req.headers.get("x-signature-timestamp"),
                                         req.headers.get("x-signature-ed25519")):
             raise Unauthorized("invalid request signature")
+
+    def discord(self, req: Request) -> Response:
+        """Discord interactions (Ed25519): PING, slash commands and components."""
         doc = req.json_object()
         kind = doc.get("type")
         if kind == 1:
@@ -2558,7 +2558,6 @@ class Platforms:
             return Response.json(200, {"type": 8, "data": {"choices": []}})
         if kind not in (2, 3, 5):
             return self._ignored(req, f"interaction type {kind!r}", {"type": 6})
-        self.app._rate_limit(self.app.hook_limiter, "discord", req, "discord")
         if doc.get("id") and self._duplicate(req, "discord", str(doc["id"])):
             return Response.json(200, {"type": 6})
         user = _obj(_obj(doc.get("member")).get("user") or doc.get("user"))
@@ -2751,15 +2750,34 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+# Who may call a route. ``App.authorize`` checks it once, from the table, before any handler runs:
+# a route whose row does not say is refused at start, and a test calls every row without credentials.
+ACCESS = {
+    "public": "anyone",
+    "admin": "the admin token (Authorization: Bearer)",
+    "generic": "the generic webhook secret (X-Webhook-Secret)",
+    "webhook": "the named webhook's secret or signature, per its auth list",
+    "webhook_or_admin": "the named webhook's secret or signature, or the admin token",
+    "platform": "the platform's own signature or secret token (Telegram, Slack, Discord)",
+    "owner": "the admin token, or the secret that created the delivery",
+}
+SENDER_ACCESS = ("generic", "webhook", "webhook_or_admin", "platform")  # senders: allowlists and hook rate limits
+
+
 @dataclasses.dataclass
 class Route:
-    """One row of the routing table."""
+    """One row of the routing table: method, path, handler, and who may call it."""
 
     method: str
     pattern: re.Pattern
     handler: Callable
-    kind: str  # public | admin | generic | named | platform | delivery
+    access: str  # a key of ACCESS
     name: str
+    platform: str | None = None  # for access "platform": telegram | slack | discord
+
+    def __post_init__(self):
+        if self.access not in ACCESS:
+            raise ValueError(f"route {self.method} {self.name}: unknown access {self.access!r}")
 
 
 @dataclasses.dataclass
@@ -2903,7 +2921,7 @@ class App:
         p = self.platforms
         rows = [
             ("GET", r"/healthz", self.healthz, "public"),
-            ("GET", r"/metrics", self.metrics_text, "public"),
+            ("GET", r"/metrics", self.metrics_text, "admin" if self.options.metrics_admin else "public"),
             ("GET", r"/api/openapi.json", self.openapi, "public"),
             ("POST", r"/api/webhooks/generic", self.generic, "generic"),
             ("POST", r"/api/webhooks/telegram", p.telegram, "platform"),
@@ -2912,13 +2930,13 @@ class App:
             ("POST", r"/api/webhooks/discord", p.discord, "platform"),
             ("GET", r"/api/webhooks", self.list_webhooks, "admin"),
             ("POST", r"/api/webhooks", self.create_webhook, "admin"),
-            ("POST", r"/api/webhooks/(?P<name>[^/]+)/trigger", self.trigger, "named"),
+            ("POST", r"/api/webhooks/(?P<name>[^/]+)/trigger", self.trigger, "webhook_or_admin"),
             ("GET", r"/api/webhooks/(?P<name>[^/]+)/deliveries", self.webhook_deliveries, "admin"),
-            ("POST", r"/api/webhooks/(?P<name>[^/]+)", self.receive, "named"),
+            ("POST", r"/api/webhooks/(?P<name>[^/]+)", self.receive, "webhook"),
             ("GET", r"/api/webhooks/(?P<name>[^/]+)", self.get_webhook, "admin"),
             ("PUT", r"/api/webhooks/(?P<name>[^/]+)", self.replace_webhook, "admin"),
             ("DELETE", r"/api/webhooks/(?P<name>[^/]+)", self.delete_webhook, "admin"),
-            ("GET", r"/api/deliveries/(?P<id>[^/]+)", self.get_delivery, "delivery"),
+            ("GET", r"/api/deliveries/(?P<id>[^/]+)", self.get_delivery, "owner"),
             ("POST", r"/api/deliveries/(?P<id>[^/]+)/retry", self.retry_delivery, "admin"),
             ("GET", r"/api/agents", self.list_agents, "admin"),
             ("POST", r"/api/agents", self.create_agent, "admin"),
@@ -2926,8 +2944,9 @@ class App:
             ("PUT", r"/api/agents/(?P<name>[^/]+)", self.replace_agent, "admin"),
             ("DELETE", r"/api/agents/(?P<name>[^/]+)", self.delete_agent, "admin"),
         ]
-        return [Route(m, re.compile(pattern), h, kind, re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern))
-                for m, pattern, h, kind in rows]
+        return [Route(m, re.compile(pattern), h, access, re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern),
+                      h.__name__.split("_")[0] if access == "platform" else None)
+                for m, pattern, h, access in rows]
 
     def match(self, req: Request) -> None:
         """Find the route (404, or 405 with Allow) and fill ``req.route``/``req.params``."""
@@ -2954,17 +2973,17 @@ class App:
         """Everything decided before the body is read: route, allowlists, per-IP rate limit, size."""
         begin_request()
         self.match(req)
-        kind = req.route.kind
-        if kind in ("generic", "named", "platform"):
-            if kind == "generic" and (self.vault.get("generic_enabled") or "").lower() == "false":
+        access = req.route.access
+        if access in SENDER_ACCESS:
+            if access == "generic" and (self.vault.get("generic_enabled") or "").lower() == "false":
                 raise NotFound("the generic webhook is turned off (vault generic_enabled=false)")
             if not ip_allowed(req.client_ip, self._vault_networks("webhook_allowed_ips")):
                 raise Forbidden(f"client {req.client_ip} is not in webhook_allowed_ips")
-            if kind == "named":
+            if access in ("webhook", "webhook_or_admin"):
                 wh = self._webhook(req.params["name"])
                 if not ip_allowed(req.client_ip, wh.allowed_ips):
                     raise Forbidden(f"client {req.client_ip} is not in the allowed_ips of webhook '{wh.name}'")
-        if kind != "public":
+        if access != "public":
             self._rate_limit(self.ip_limiter, req.client_ip, req, f"client {req.client_ip}")
         if chunked:
             raise LengthRequired("chunked bodies are not accepted: send a Content-Length")
@@ -2983,7 +3002,7 @@ class App:
         wait = limiter.take(key)
         if wait:
             # senders like GitLab disable a hook for good on a 4xx: named and platform routes answer 503
-            cls = Unavailable if req.route.kind in ("named", "platform") else RateLimited
+            cls = Unavailable if req.route.access in ("webhook", "webhook_or_admin", "platform") else RateLimited
             raise cls(f"rate limit reached for {who}: retry in {math.ceil(wait)}s", code="rate_limited",
                       headers={"Retry-After": str(math.ceil(wait))})
 
@@ -2992,6 +3011,7 @@ class App:
         try:
             if req.route is None:
                 self.admit(req, len(req.body))
+            self.authorize(req)
             return req.route.handler(req)
         except Exception as e:
             return self.error_response(req, e)
@@ -3010,7 +3030,42 @@ class App:
         req.info["outcome"] = "internal_error"
         return Response.error(HTTPError(f"internal error (request id {req.request_id}; see the server log)"))
 
-    # --- authentication helpers ---
+    # --- authorization: once per request, from the route's access ---
+
+    def authorize(self, req: Request) -> None:
+        """Check the caller against the route's access (over the raw body, before parsing), then
+        the sender's rate limit. No handler checks credentials itself."""
+        access = req.route.access
+        if access == "public":
+            return
+        if access == "admin":
+            self.require_admin(req)
+            return
+        if access == "owner":
+            if not self._is_admin(req) and not self._created_by(req, req.params["id"]):
+                raise Unauthorized("send 'Authorization: Bearer <admin_token>', or the secret that created this delivery")
+            return
+        if access == "generic":
+            req.info["webhook"] = "generic"
+            secret = self.vault.get("webhook_secret")
+            if not secret:
+                raise Unavailable("webhook_secret is not set in the vault (moxxy-webhooks vault set webhook_secret ...)")
+            if not secrets_equal(req.headers.get("x-webhook-secret"), secret):
+                raise Unauthorized("missing or wrong X-Webhook-Secret header (moxxy-webhooks vault get webhook_secret)")
+            key, who = "generic", "the generic webhook"
+        elif access == "platform":
+            req.info["webhook"] = key = who = req.route.platform
+            self.platforms.verify(key, req)
+        else:
+            wh = self._webhook(req.params["name"])
+            req.info["webhook"] = key = wh.name
+            who = f"webhook '{wh.name}'"
+            if wh.auth is not None and not (
+                    authenticate(wh.valid_secrets(clock()), [s for s in AUTH_SCHEMES if s in wh.auth], req.headers,
+                                 req.body, clock()) or (access == "webhook_or_admin" and self._is_admin(req))):
+                raise Unauthorized(f"missing or wrong signature or secret for webhook '{wh.name}' "
+                                   f"(accepted: {', '.join(s for s in AUTH_SCHEMES if s in wh.auth)})")
+        self._rate_limit(self.hook_limiter, key, req, who)
 
     def require_admin(self, req: Request) -> None:
         token = self.vault.get("admin_token")
@@ -3215,8 +3270,6 @@ class App:
 
     def metrics_text(self, req: Request) -> Response:
         """Prometheus metrics: requests, deliveries, queue depth, agent latency."""
-        if self.options.metrics_admin:
-            self.require_admin(req)
         return Response(200, self.metrics.render(len(self.jobs)).encode(), {"Content-Type": "text/plain; version=0.0.4"})
 
     def openapi(self, req: Request) -> Response:
@@ -3225,7 +3278,7 @@ class App:
         for route in self.routes:
             params = re.findall(r"{(\w+)}", route.name)
             op = {"summary": (route.handler.__doc__ or "").strip().splitlines()[0],
-                  "security": [{"admin": []}] if route.kind == "admin" else [],
+                  "security": [{"admin": []}] if route.access == "admin" else [],
                   "parameters": [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params],
                   "responses": {"200": {"description": "success"}, "default": {"description": "error",
                                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}}}
@@ -3240,13 +3293,6 @@ class App:
 
     def generic(self, req: Request) -> Response:
         """Send a message to an agent (X-Webhook-Secret)."""
-        req.info["webhook"] = "generic"
-        secret = self.vault.get("webhook_secret")
-        if not secret:
-            raise Unavailable("webhook_secret is not set in the vault (moxxy-webhooks vault set webhook_secret ...)")
-        if not secrets_equal(req.headers.get("x-webhook-secret"), secret):
-            raise Unauthorized("missing or wrong X-Webhook-Secret header (moxxy-webhooks vault get webhook_secret)")
-        self._rate_limit(self.hook_limiter, "generic", req, "the generic webhook")
         doc = req.json_object()
         agent_name = _field(doc, "agent", str, default="default")
         message = _field(doc, "message", str, required=True, nonempty=True)
@@ -3271,16 +3317,7 @@ class App:
         return self._named(req, admin_ok=True)
 
     def _named(self, req: Request, admin_ok: bool) -> Response:
-        wh = self._webhook(req.params["name"])
-        req.info["webhook"] = wh.name
-        # authenticate (over the raw bytes, before parsing)
-        scheme = authenticate(wh.valid_secrets(clock()), [s for s in AUTH_SCHEMES if s in wh.auth], req.headers,
-                              req.body, clock()) if wh.auth is not None else "none"
-        if scheme is None and not (admin_ok and self._is_admin(req)):
-            raise Unauthorized(f"missing or wrong signature or secret for webhook '{wh.name}' "
-                               f"(accepted: {', '.join(s for s in AUTH_SCHEMES if s in wh.auth)})")
-        self._rate_limit(self.hook_limiter, wh.name, req, f"webhook '{wh.name}'")
-        # parse
+        wh = self._webhook(req.params["name"])  # authenticated by authorize(), over the raw bytes
         payload = req.json_object(allow_form=True, empty={})
         dry_run = admin_ok and req.query.get("dry_run", "") not in ("", "0", "false")
         if dry_run:
@@ -3353,12 +3390,10 @@ class App:
 
     def list_webhooks(self, req: Request) -> Response:
         """List webhooks (secrets redacted)."""
-        self.require_admin(req)
         return Response.json(200, {"webhooks": [wh.public() for wh in self.config().webhooks.values()]})
 
     def get_webhook(self, req: Request) -> Response:
         """Read one webhook (secret redacted)."""
-        self.require_admin(req)
         return Response.json(200, self._webhook(req.params["name"]).public())
 
     def _no_references(self, doc: dict) -> None:
@@ -3367,7 +3402,6 @@ class App:
 
     def create_webhook(self, req: Request) -> Response:
         """Create a webhook; a missing secret is generated and shown once."""
-        self.require_admin(req)
         doc = req.json_object()
         self._no_references(doc)
         name = _field(doc, "name", str, required=True)
@@ -3379,7 +3413,6 @@ class App:
 
     def replace_webhook(self, req: Request) -> Response:
         """Replace a webhook's config (keeps created_at, and the secret when none or '***' is given)."""
-        self.require_admin(req)
         doc = req.json_object()
         self._no_references(doc)
         name = req.params["name"]
@@ -3390,13 +3423,11 @@ class App:
 
     def delete_webhook(self, req: Request) -> Response:
         """Delete a webhook."""
-        self.require_admin(req)
         delete_webhook(self.store, req.params["name"])
         return Response.json(200, {"success": True, "deleted": req.params["name"]})
 
     def webhook_deliveries(self, req: Request) -> Response:
         """Recent deliveries of one webhook."""
-        self.require_admin(req)
         name = req.params["name"]
         if name != "generic" and name not in RESERVED_NAMES:
             self._webhook(name)
@@ -3410,8 +3441,6 @@ class App:
     def get_delivery(self, req: Request) -> Response:
         """One delivery; ?wait=S waits up to S seconds (max 30) for it to finish."""
         row = self.deliveries.get(req.params["id"])
-        if not self._is_admin(req) and not (row and self._created_by(req, row)):
-            raise Unauthorized("send 'Authorization: Bearer <admin_token>', or the secret that created this delivery")
         if row is None:
             raise NotFound(f"unknown delivery '{req.params['id']}'")
         wait = req.query.get("wait")
@@ -3423,7 +3452,10 @@ class App:
             row = self.deliveries.wait(row["id"], seconds)
         return Response.json(200, public_delivery(row))
 
-    def _created_by(self, req: Request, row) -> bool:
+    def _created_by(self, req: Request, delivery_id: str) -> bool:
+        row = self.deliveries.get(delivery_id)
+        if row is None:
+            return False
         if row["webhook"] == "generic":
             return secrets_equal(req.headers.get("x-webhook-secret"), self.vault.get("webhook_secret"))
         wh = self.config().webhooks.get(row["webhook"])
@@ -3432,7 +3464,6 @@ class App:
 
     def retry_delivery(self, req: Request) -> Response:
         """Replay a failed delivery (its payload was kept)."""
-        self.require_admin(req)
         row = self.deliveries.get(req.params["id"])
         if row is None:
             raise NotFound(f"unknown delivery '{req.params['id']}'")
@@ -3451,12 +3482,10 @@ class App:
 
     def list_agents(self, req: Request) -> Response:
         """List agents (header values and api keys redacted)."""
-        self.require_admin(req)
         return Response.json(200, {"agents": [a.public() for a in self.config().agents.values()]})
 
     def get_agent(self, req: Request) -> Response:
         """Read one agent."""
-        self.require_admin(req)
         return Response.json(200, self._agent(req.params["name"]).public())
 
     def _agent_body(self, req: Request, name: str | None) -> tuple[str, dict]:
@@ -3472,21 +3501,18 @@ class App:
 
     def create_agent(self, req: Request) -> Response:
         """Add an agent (echo, http, openai; command only with --allow-api-exec)."""
-        self.require_admin(req)
         name, cfg = self._agent_body(req, None)
         save_agent(self.store, name, cfg, create=True)
         return Response.json(201, self._agent(name).public(), {"Location": f"/api/agents/{name}"})
 
     def replace_agent(self, req: Request) -> Response:
         """Replace an agent."""
-        self.require_admin(req)
         name, cfg = self._agent_body(req, req.params["name"])
         save_agent(self.store, name, cfg, create=False)
         return Response.json(200, self._agent(name).public())
 
     def delete_agent(self, req: Request) -> Response:
         """Remove an agent (refused while a webhook uses it)."""
-        self.require_admin(req)
         remove_agent(self.store, req.params["name"])
         return Response.json(200, {"success": True, "deleted": req.params["name"]})
 
@@ -3854,7 +3880,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if req.info.get(key):
                 fields[key] = req.info[key]
         if app.options.log_bodies and req.body:
-            if req.route is not None and req.route.kind == "admin":  # webhook secrets, agent keys: never logged
+            if req.route is not None and req.route.access == "admin":  # webhook secrets, agent keys: never logged
                 fields["body"] = redacted_body(req.body)[:4096]
             else:
                 fields["body"] = req.body[:4096].decode("utf-8", "replace")

@@ -1911,6 +1911,45 @@ def test_openai_agent_request_shape(gw, recorder):
     assert "untrusted" in before.lower() and "untrusted" in after.lower()  # fenced on both sides, as data
 
 
+# === Authorization, from the route table ===
+
+
+WRONG_CREDENTIALS = [
+    {},
+    {"Authorization": "Bearer wrong", "X-Webhook-Secret": "wrong", "X-Gitlab-Token": "wrong",
+     "X-Hub-Signature-256": "sha256=" + "0" * 64, "X-Hub-Signature": "sha1=" + "0" * 40,
+     "webhook-id": "msg_1", "webhook-timestamp": str(int(time.time())), "webhook-signature": "v1," + "A" * 44,
+     "X-Telegram-Bot-Api-Secret-Token": "wrong", "X-Slack-Request-Timestamp": str(int(time.time())),
+     "X-Slack-Signature": "v0=" + "0" * 64, "X-Signature-Timestamp": str(int(time.time())),
+     "X-Signature-Ed25519": "0" * 128},
+    {"Authorization": "Basic " + base64.b64encode(b"user:wrong").decode()},
+]
+
+
+def test_every_route_refuses_callers_without_the_right_credentials(gateway):
+    """Generated from the route table: a route added without authorization fails here."""
+    g = gateway(metrics_admin=True)
+    for key, value in [("telegram_secret_token", "tg-secret"), ("slack_signing_secret", "slack-secret"),
+                       ("discord_public_key", public_hex(Ed25519PrivateKey.generate()))]:
+        g.vault_set(key, value)
+    assert g.admin_call("POST", "/api/webhooks", {"name": "gh", "secret": "right-secret"})[0] == 201
+    delivery = g.generic({"message": "hi", "response_mode": "async"})[2]["delivery_id"]
+    public = {(r.method, r.name) for r in g.app.routes if r.access == "public"}
+    assert public == {("GET", "/healthz"), ("GET", "/api/openapi.json")}
+    for route in g.app.routes:
+        if route.access == "public":
+            continue
+        path = route.name.format(name="gh", id=delivery)
+        for headers in WRONG_CREDENTIALS:
+            status, _, body = g.request(route.method, path, raw=b'{"message": "hi"}', headers=headers)
+            assert (status, body["code"]) == (401, "unauthorized"), (route.method, path, headers)
+
+
+def test_a_route_row_must_say_who_may_call_it():
+    with pytest.raises(ValueError, match="unknown access"):
+        mw.Route("GET", re.compile("/x"), lambda req: None, "everyone", "/x")
+
+
 # === Admin API: webhooks ===
 
 
