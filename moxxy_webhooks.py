@@ -319,16 +319,40 @@ def parse_json_file(path: str, data: bytes) -> Any:
         raise DataFileError(path, e.msg, e.lineno, e.colno) from None
 
 
-_request_local = threading.local()
+class ConfigStore:
+    """Where a config document lives (webhooks and agents; the vault): the interface the application,
+    the platforms and the CLI use. ``JsonFile`` is the first implementation.
+
+    A document is a JSON object; ``compile`` (given by the owner) turns it into the form the server
+    uses, once per change, and raises ConfigError or DataFileError when it is invalid.
+    """
+
+    def current(self, strict: bool = False) -> Any:
+        """The compiled document as it is now (cheap: called once per request).
+
+        With ``strict`` (server start, CLI) an invalid stored document raises; otherwise the last
+        good version stays in use and the error is logged once."""
+        raise NotImplementedError
+
+    def read_raw(self) -> dict:
+        """The stored document, parsed but not compiled (the default document when there is none)."""
+        raise NotImplementedError
+
+    def update(self, change: Callable[[dict], Any]) -> Any:
+        """Apply ``change`` to the stored document atomically and return its result.
+
+        Concurrent writers (servers, the CLI) never lose each other's changes; ``change`` mutates
+        the document in place and may raise an HTTPError to refuse; the new document must compile,
+        or nothing is written."""
+        raise NotImplementedError
+
+    def force_reload(self) -> None:
+        """Read the stored document again on the next ``current()`` (SIGHUP)."""
+        raise NotImplementedError
 
 
-def begin_request() -> None:
-    """Start a request on this thread: each data file is stat'ed at most once until the next one."""
-    _request_local.checked = {}
-
-
-class JsonFile:
-    """A JSON data file, compiled once per change and reloaded when its stat changes.
+class JsonFile(ConfigStore):
+    """A config document in a JSON data file, compiled once per change and reloaded when its stat changes.
 
     ``compile`` turns the parsed document into the form the server uses and
     raises ``DataFileError`` or ``ConfigError`` if it is invalid. A file that
@@ -370,21 +394,7 @@ class JsonFile:
             raise DataFileError(self.path, e.message) from None
 
     def current(self, strict: bool = False) -> Any:
-        """Return the compiled document, reloading it if the file changed.
-
-        The file is stat'ed once per request (``begin_request``), or on every
-        call outside a request. With ``strict`` (server start, CLI) a bad file
-        raises; otherwise the last good version is kept and the error is logged once.
-        """
-        checked = getattr(_request_local, "checked", None)
-        if checked is not None and self.path in checked:
-            return checked[self.path]
-        value = self._current(strict)
-        if checked is not None:
-            checked[self.path] = value
-        return value
-
-    def _current(self, strict: bool) -> Any:
+        """Return the compiled document, reloading it if the file changed (one stat per call)."""
         key = self._stat_key()
         if key == self._key:
             return self._value
@@ -430,7 +440,6 @@ class JsonFile:
                 raise Unavailable(f"{os.path.basename(self.path)} could not be written ({e.strerror}); "
                                   "nothing was changed: free space or fix the data directory and retry",
                                   headers={"Retry-After": "5"}) from None
-        getattr(_request_local, "checked", {}).pop(self.path, None)  # this request must see its own change
         return result
 
 
@@ -473,15 +482,15 @@ def _compile_vault(raw: dict) -> dict:
     return dict(raw)
 
 
-class Vault:
-    """Secrets and settings in ``vault.json``; references resolve when used."""
+class VaultView:
+    """The vault as it was at one moment (one request sees one version); references resolve when read."""
 
-    def __init__(self, path: str):
-        self.file = JsonFile(path, dict, _compile_vault)
+    def __init__(self, values: dict):
+        self.values = values
 
     def get(self, key: str, default: str | None = None) -> str | None:
         """Return the resolved value; a stored reference that does not resolve raises VaultError."""
-        value = self.file.current().get(key)
+        value = self.values.get(key)
         if value is None or value == "":
             return default
         return resolve_reference(value, f"vault key '{key}'")
@@ -489,6 +498,22 @@ class Vault:
     def setting(self, key: str) -> str:
         """Return a setting with its built-in default (``*_api_url`` keys and friends)."""
         return self.get(key) or PLATFORM_API_DEFAULTS.get(key, "")
+
+
+class Vault:
+    """Secrets and settings (``vault.json`` in the first store); references resolve when used."""
+
+    def __init__(self, file: ConfigStore):
+        self.file = file
+
+    def view(self) -> VaultView:
+        return VaultView(self.file.current())
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self.view().get(key, default)
+
+    def setting(self, key: str) -> str:
+        return self.view().setting(key)
 
     def set(self, key: str, value: str) -> None:
         self.file.update(lambda doc: doc.__setitem__(key, value))
@@ -1652,6 +1677,79 @@ def empty_config() -> dict:
     return {"version": 1, "webhooks": {}, "agents": {}}
 
 
+# --- changes to the config, shared by the admin API and the CLI ---
+
+
+def save_webhook(store: ConfigStore, name: str, cfg: dict, create: bool) -> tuple[dict, str | None]:
+    """Create or replace a webhook under the file lock; return (stored config, generated secret or None)."""
+    cfg = {k: v for k, v in cfg.items() if k != "name" and k != "has_secret"}
+    generated = None
+
+    def change(doc: dict) -> tuple[dict, str | None]:
+        nonlocal generated
+        hooks = doc.setdefault("webhooks", {})
+        if name in RESERVED_NAMES:
+            raise Conflict(f"'{name}' is a reserved name ({', '.join(sorted(RESERVED_NAMES))})")
+        old = hooks.get(name)
+        if create and old is not None:
+            raise Conflict(f"webhook '{name}' already exists (use PUT /api/webhooks/{name} or 'moxxy-webhooks update')")
+        if not create and old is None:
+            raise NotFound(f"unknown webhook '{name}'")
+        now = utcnow_iso()
+        new = dict(cfg)
+        if new.get("secret") in (None, "", REDACTED):
+            new.pop("secret", None)
+            if old and old.get("secret"):
+                new["secret"] = old["secret"]
+                if old.get("previous_secrets"):
+                    new.setdefault("previous_secrets", old["previous_secrets"])
+            elif new.get("auth") != "none":
+                generated = new["secret"] = secrets.token_urlsafe(24)
+        new["created_at"] = old.get("created_at", now) if old else now
+        new["updated_at"] = now
+        agents = {"default": True, **doc.get("agents", {})}
+        validate_webhook(name, new, agents)
+        hooks[name] = new
+        return new, generated
+
+    return store.update(change)
+
+
+def delete_webhook(store: ConfigStore, name: str) -> None:
+    def change(doc: dict) -> None:
+        if name not in doc.get("webhooks", {}):
+            raise NotFound(f"unknown webhook '{name}'")
+        del doc["webhooks"][name]
+
+    store.update(change)
+
+
+def save_agent(store: ConfigStore, name: str, cfg: dict, create: bool) -> None:
+    def change(doc: dict) -> None:
+        agents = doc.setdefault("agents", {})
+        if create and name in agents:
+            raise Conflict(f"agent '{name}' already exists (replace it with 'agent add {name} ... --replace' "
+                           f"or PUT /api/agents/{name})")
+        if not create and name not in agents and name != "default":
+            raise NotFound(f"unknown agent '{name}'")
+        validate_agent(name, cfg)
+        agents[name] = cfg
+
+    store.update(change)
+
+
+def remove_agent(store: ConfigStore, name: str) -> None:
+    def change(doc: dict) -> None:
+        if name not in doc.get("agents", {}):
+            raise NotFound(f"unknown agent '{name}'" + (" (the built-in default cannot be removed)" if name == "default" else ""))
+        users = sorted(n for n, w in doc.get("webhooks", {}).items() if w.get("agent", "default") == name)
+        if users:
+            raise Conflict(f"agent '{name}' is used by webhook(s) {', '.join(users)}: change or delete them first")
+        del doc["agents"][name]
+
+    store.update(change)
+
+
 # === Agents ===
 
 
@@ -1908,7 +2006,7 @@ def run_agent(agent: AgentConfig, message: str, context: dict, *, webhook: str, 
                          raw[:2000].decode("utf-8", "replace")) from None
 
 
-# === Delivery ===
+# === Delivery log ===
 
 DELIVERY_SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -1937,12 +2035,27 @@ CREATE TABLE IF NOT EXISTS seen (
     seen_at REAL NOT NULL,
     PRIMARY KEY (webhook, key)
 );
+CREATE TABLE IF NOT EXISTS replies (
+    id TEXT PRIMARY KEY,
+    delivery_id TEXT,
+    kind TEXT NOT NULL,
+    args TEXT NOT NULL,
+    status TEXT NOT NULL,
+    sent INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    created_at REAL NOT NULL,
+    next_attempt_at REAL
+);
 """
 FINISHED = ("succeeded", "failed", "filtered", "duplicate")
 INSERT_DELIVERY = ("INSERT OR REPLACE INTO deliveries (id, webhook, agent, status, attempts, max_attempts, event, "
                    "message, context, response, error, reply_to, created_at, finished_at, next_attempt_at) "
                    "VALUES (:id, :webhook, :agent, :status, :attempts, :max_attempts, :event, :message, :context, "
                    ":response, :error, :reply_to, :created_at, :finished_at, :next_attempt_at)")
+INSERT_REPLY = ("INSERT OR REPLACE INTO replies (id, delivery_id, kind, args, status, sent, attempts, error, created_at, "
+                "next_attempt_at) VALUES (:id, :delivery_id, :kind, :args, :status, :sent, :attempts, :error, "
+                ":created_at, :next_attempt_at)")
 
 
 def _unicode_safe(params: dict | list | tuple) -> dict | list:
@@ -1995,8 +2108,142 @@ def connect_db(path: str) -> sqlite3.Connection:
     return conn
 
 
-class DeliveryLog:
-    """The delivery log and durable queue in SQLite.
+class JobQueue:
+    """Jobs waiting to run, ordered by when they are due (retries wait out their backoff); in memory."""
+
+    def __init__(self):
+        self._heap: list = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._seq = 0
+
+    def put(self, job: Any, due: float = 0.0) -> None:
+        with self._cond:
+            self._seq += 1
+            heapq.heappush(self._heap, (due, self._seq, job))
+            self._cond.notify()
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Wait until a job is due and return it; None once closed or when ``timeout`` passes."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._closed:
+                left = math.inf if end is None else end - time.monotonic()
+                if left <= 0:
+                    break
+                if self._heap:
+                    wait = self._heap[0][0] - clock()
+                    if wait <= 0:
+                        return heapq.heappop(self._heap)[2]
+                    self._cond.wait(min(wait, 1.0, left))
+                else:
+                    self._cond.wait(None if end is None else left)
+            return None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+class DeliveryStore:
+    """What the delivery engine asks of storage: the durable queue, the delivery log, the dedupe
+    memory and the replies waiting to be sent. ``DeliveryLog`` (SQLite) is the first implementation;
+    a second one implements these methods and nothing above this section changes.
+
+    A delivery row holds the columns of DELIVERY_SCHEMA (``delivery_row`` fills the defaults); a
+    reply row those of its ``replies`` table. Rows come back as mappings.
+    """
+
+    def start(self) -> None:
+        """Start background work (the writer); before it, writes go straight to storage (the CLI)."""
+
+    def stop(self) -> None:
+        """Write what is pending and stop; unfinished jobs stay stored for the next start."""
+
+    # the queue
+    def enqueue(self, row: dict) -> None:
+        """Store a new async job durably (raise Unavailable if that fails), then schedule it."""
+        raise NotImplementedError
+
+    def record(self, row: dict) -> None:
+        """Store a delivery that is already finished (sync, filtered): readable at once, durable soon."""
+        raise NotImplementedError
+
+    def recover(self) -> int:
+        """Schedule the unfinished jobs an earlier run left (a crash, a stop); return how many."""
+        raise NotImplementedError
+
+    def next_job(self, timeout: float) -> Any:
+        """Claim the next due job: mark it running with one more attempt and return its row, or None
+        when ``timeout`` passes or the queue is closed."""
+        raise NotImplementedError
+
+    def complete(self, delivery_id: str, fields: dict) -> None:
+        """Write a job's final status durably (raise Unavailable if that fails: the caller keeps it)."""
+        raise NotImplementedError
+
+    def reschedule(self, delivery_id: str, error: str, due: float | None) -> None:
+        """Put a job back in the queue after a failed attempt, due at ``due`` (None: at the next start)."""
+        raise NotImplementedError
+
+    def requeue(self, delivery_id: str, max_attempts: int) -> None:
+        """Run a failed delivery again from its first attempt (durable before it returns)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop handing out jobs and replies (``next_job``/``next_reply`` return None)."""
+        raise NotImplementedError
+
+    def depth(self) -> int:
+        """Jobs waiting to run (the queue depth of the metrics)."""
+        raise NotImplementedError
+
+    # dedupe
+    def claim(self, webhook: str, key: str, delivery_id: str) -> Any:
+        """Claim a sender's delivery id; return the earlier delivery if it was seen within 24 h
+        (an earlier one that failed does not count: the repeat runs)."""
+        raise NotImplementedError
+
+    def release(self, webhook: str, key: str, delivery_id: str) -> None:
+        """Forget a claim whose request was refused, so that the sender's retry runs."""
+        raise NotImplementedError
+
+    # reading
+    def get(self, delivery_id: str) -> Any:
+        raise NotImplementedError
+
+    def list(self, webhook: str | None = None, status: str | None = None, limit: int = 50) -> list[dict]:
+        """Recent deliveries as the API shows them, newest first."""
+        raise NotImplementedError
+
+    def wait(self, delivery_id: str, timeout: float) -> Any:
+        """Return the delivery once it is finished, or as it is when ``timeout`` passes."""
+        raise NotImplementedError
+
+    # replies: outbound calls (reply_to, platform answers) as durable work
+    def add_reply(self, row: dict) -> None:
+        """Store a reply to send and schedule it (durable before it returns when storage allows)."""
+        raise NotImplementedError
+
+    def next_reply(self, timeout: float) -> Any:
+        """The next due reply row, or None when ``timeout`` passes or the queue is closed."""
+        raise NotImplementedError
+
+    def reply_progress(self, row: dict) -> None:
+        """Store a reply's progress; one still ``queued`` is scheduled again at its ``next_attempt_at``."""
+        raise NotImplementedError
+
+    def prune(self) -> None:
+        """Drop finished deliveries and replies past the retention, and claims past the dedupe window."""
+        raise NotImplementedError
+
+
+class DeliveryLog(DeliveryStore):
+    """The delivery log and durable queue in SQLite (``deliveries.db``): the first DeliveryStore.
 
     One writer thread owns the writing connection and commits whatever has
     queued up while the previous fsync ran (group commit): an async request
@@ -2018,6 +2265,8 @@ class DeliveryLog:
         self.linger = 0.01
         self._urgent = threading.Event()
         self._claim_lock = threading.Lock()
+        self._jobs = JobQueue()  # delivery ids; the rows stay in the database
+        self._replies = JobQueue()  # reply rows (kept in memory too: a reply whose write failed is still sent)
 
     # writing
     def start(self) -> None:
@@ -2117,11 +2366,17 @@ class DeliveryLog:
                 break
         op[3] = f"{error.__class__.__name__}: {error}"
 
+    def prune(self) -> None:
+        """(The writer prunes by itself at start and hourly.)"""
+        with self._read_lock:
+            self._prune(self._reader)
+
     def _prune(self, conn: sqlite3.Connection) -> None:
         now = clock()
         with contextlib.suppress(sqlite3.Error):
             conn.execute("DELETE FROM deliveries WHERE created_at < ? AND status NOT IN ('queued', 'running')",
                          (now - self.retention,))
+            conn.execute("DELETE FROM replies WHERE created_at < ? AND status != 'queued'", (now - self.retention,))
             conn.execute("DELETE FROM seen WHERE seen_at < ?", (now - DEDUPE_WINDOW,))
         with self._claim_lock:
             for k in [k for k, (_, at) in self._recent.items() if at < now - DEDUPE_WINDOW]:
@@ -2137,6 +2392,68 @@ class DeliveryLog:
     def update(self, delivery_id: str, wait: bool = False, **fields) -> None:
         cols = ", ".join(f"{k} = :{k}" for k in fields)
         self.write(f"UPDATE deliveries SET {cols} WHERE id = :id", {**fields, "id": delivery_id}, wait=wait)
+
+    # the queue
+    def enqueue(self, row: dict) -> None:
+        self.insert(wait=True, **row)
+        self._jobs.put(row["id"])
+
+    def record(self, row: dict) -> None:
+        self.insert(**row)
+
+    def recover(self) -> int:
+        rows = self.query("SELECT id, next_attempt_at FROM deliveries WHERE status IN ('queued', 'running')")
+        for row in rows:
+            self._jobs.put(row["id"], row["next_attempt_at"] or 0.0)
+        for row in self.query("SELECT * FROM replies WHERE status = 'queued'"):
+            self._replies.put(dict(row), row["next_attempt_at"] or 0.0)
+        return len(rows)
+
+    def next_job(self, timeout: float) -> Any:
+        delivery_id = self._jobs.get(timeout)
+        if delivery_id is None:
+            return None
+        row = self.get(delivery_id)
+        if row is None or row["status"] not in ("queued", "running"):
+            return None
+        row = dict(row, status="running", attempts=row["attempts"] + 1)
+        self.update(delivery_id, status="running", attempts=row["attempts"])
+        return row
+
+    def complete(self, delivery_id: str, fields: dict) -> None:
+        self.update(delivery_id, wait=True, **fields)
+
+    def reschedule(self, delivery_id: str, error: str, due: float | None) -> None:
+        self.update(delivery_id, status="queued", error=error, **({"next_attempt_at": due} if due else {}))
+        if due is not None:
+            self._jobs.put(delivery_id, due)
+
+    def requeue(self, delivery_id: str, max_attempts: int) -> None:
+        self.update(delivery_id, wait=True, status="queued", attempts=0, finished_at=None, next_attempt_at=None,
+                    max_attempts=max_attempts)
+        self._jobs.put(delivery_id)
+
+    def close(self) -> None:
+        self._jobs.close()
+        self._replies.close()
+
+    def depth(self) -> int:
+        return len(self._jobs)
+
+    # replies
+    def add_reply(self, row: dict) -> None:
+        try:
+            self.write(INSERT_REPLY, row, wait=True)
+        finally:  # not durable if the write failed, but still sent: losing the answer now is worse
+            self._replies.put(row, row["next_attempt_at"] or 0.0)
+
+    def next_reply(self, timeout: float) -> Any:
+        return self._replies.get(timeout)
+
+    def reply_progress(self, row: dict) -> None:
+        self.write(INSERT_REPLY, row)
+        if row["status"] == "queued":
+            self._replies.put(row, row["next_attempt_at"] or 0.0)
 
     # reading
     def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
@@ -2214,46 +2531,500 @@ class DeliveryLog:
         return None
 
 
-class JobQueue:
-    """Delivery ids waiting to run, ordered by when they are due (retries wait out their backoff)."""
+@dataclasses.dataclass
+class Backend:
+    """Where a gateway keeps its state: the seam a second storage backend plugs into.
 
-    def __init__(self):
-        self._heap: list = []
-        self._cond = threading.Condition()
-        self._closed = False
-        self._seq = 0
+    The application, the platforms and the CLI reach storage only through these.
+    """
 
-    def put(self, delivery_id: str, due: float = 0.0) -> None:
-        with self._cond:
-            self._seq += 1
-            heapq.heappush(self._heap, (due, self._seq, delivery_id))
-            self._cond.notify()
+    config: ConfigStore  # webhooks and agents, compiled by compile_config
+    vault: Vault
+    open_deliveries: Callable[[float], DeliveryStore]  # retention (seconds) -> the delivery store
+    prepare: Callable[[], None]  # create what a fresh store needs (before serving)
 
-    def get(self) -> str | None:
-        """Block until a job is due; None once closed."""
-        with self._cond:
-            while not self._closed:
-                if self._heap:
-                    wait = self._heap[0][0] - clock()
-                    if wait <= 0:
-                        return heapq.heappop(self._heap)[2]
-                    self._cond.wait(min(wait, 1.0))
-                else:
-                    self._cond.wait()
-            return None
 
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+def open_backend(paths: Paths) -> Backend:
+    """The data directory: ``webhooks.json``, ``vault.json`` and ``deliveries.db`` (the first backend)."""
+    config = JsonFile(paths.webhooks, empty_config, compile_config)
 
-    def __len__(self) -> int:
-        return len(self._heap)
+    def prepare() -> None:
+        paths.ensure()
+        if not os.path.exists(paths.webhooks):  # so that users find it, and stat() finds it cheaply
+            config.update(lambda doc: None)
+
+    return Backend(config, Vault(JsonFile(paths.vault, dict, _compile_vault)),
+                   lambda retention: DeliveryLog(paths.db, retention), prepare)
+
+
+# === Delivery engine ===
+
+
+@dataclasses.dataclass
+class Options:
+    """Settings of a running server (from ``serve``'s options)."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    max_body: int = DEFAULT_MAX_BODY
+    workers: int = 4
+    queue_size: int = 1000
+    max_attempts: int = 5
+    retry_base: float = 5.0
+    retention: float = 7 * 86400
+    inline_window: float = 2.5
+    grace: float = 10.0
+    request_timeout: float = 30.0
+    idle_timeout: float = 5.0
+    max_connections: int = 256
+    max_connections_per_client: int = 64  # below the global cap: one address cannot lock everyone out
+    rate_limit: str | None = "100/s"
+    trusted_proxies: tuple = ()
+    allow_api_exec: bool = False
+    log_bodies: bool = False
+    metrics_admin: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 def backoff_delay(attempt: int, base: float) -> float:
     """Exponential backoff with jitter: base * 2^(attempt-1), times 0.5-1.5."""
     return base * (2 ** (attempt - 1)) * (0.5 + random.random())
+
+
+
+
+class Metrics:
+    """Counters and one histogram, rendered in the Prometheus text format."""
+
+    BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: dict = {}
+        self.deliveries: dict = {}
+        self.latency = [0] * (len(self.BUCKETS) + 1)
+        self.latency_sum = 0.0
+
+    def request(self, route: str, status: int) -> None:
+        with self._lock:
+            key = (route, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+
+    def delivery(self, status: str, seconds: float | None = None) -> None:
+        with self._lock:
+            self.deliveries[status] = self.deliveries.get(status, 0) + 1
+            if seconds is not None:
+                self.latency[bisect.bisect_left(self.BUCKETS, seconds)] += 1
+                self.latency_sum += seconds
+
+    def render(self, queue_depth: int) -> str:
+        with self._lock:
+            lines = ["# TYPE moxxy_webhooks_requests_total counter"]
+            lines += [f'moxxy_webhooks_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
+            lines.append("# TYPE moxxy_webhooks_deliveries_total counter")
+            lines += [f'moxxy_webhooks_deliveries_total{{status="{s}"}} {n}' for s, n in sorted(self.deliveries.items())]
+            lines += ["# TYPE moxxy_webhooks_queue_depth gauge", f"moxxy_webhooks_queue_depth {queue_depth}",
+                      "# TYPE moxxy_webhooks_agent_seconds histogram"]
+            total = 0
+            for bound, count in zip(self.BUCKETS + (math.inf,), self.latency):
+                total += count
+                le = "+Inf" if bound == math.inf else f"{bound:g}"
+                lines.append(f'moxxy_webhooks_agent_seconds_bucket{{le="{le}"}} {total}')
+            lines += [f"moxxy_webhooks_agent_seconds_sum {self.latency_sum:.6f}", f"moxxy_webhooks_agent_seconds_count {total}"]
+        return "\n".join(lines) + "\n"
+
+
+REPLY_ATTEMPTS = 3  # tries of one outbound call (a reply_to POST, a platform answer) before it is given up
+REPLY_TIMEOUT = 10.0
+
+
+class DeliveryEngine:
+    """Running agents and sending their answers: sync runs, the async queue and its workers, retries
+    with backoff, replies (``reply_to``, platform answers) as durable work, queue accounting.
+
+    It knows storage only through a DeliveryStore and the config only through ``config()``; the
+    application above it turns its results and errors into HTTP replies.
+    """
+
+    def __init__(self, open_store: Callable[[float], DeliveryStore], config: Callable[[], Config], options: Options,
+                 metrics: Metrics):
+        self._open_store = open_store
+        self.store: DeliveryStore | None = None  # opened by start()
+        self.config = config
+        self.options = options
+        self.metrics = metrics
+        self.accepting = True
+        self._pending = 0  # async jobs accepted and not finished: the bound of --queue-size
+        self._pending_lock = threading.Lock()
+        self._slots: dict = {}
+        self._slots_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._unsaved: dict = {}  # delivery id -> final fields whose commit failed, written again later
+        self._unsaved_lock = threading.Lock()
+        self._senders: dict = {"reply_to": self._reply_to_calls}  # reply kind -> args -> list of calls
+        self.background = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, options.workers * 2),
+                                                                thread_name_prefix="background")
+
+    def start(self) -> int:
+        """Open the store, recover what an earlier run left unfinished, start the workers and senders;
+        return the jobs recovered."""
+        self.store = self._open_store(self.options.retention)
+        self.store.start()
+        self._pending = recovered = self.store.recover()
+        for i in range(self.options.workers):
+            self._spawn(self._worker, f"worker-{i}")
+        for i in range(2):
+            self._spawn(self._sender, f"sender-{i}")
+        return recovered
+
+    def _spawn(self, target: Callable, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self, grace: float) -> None:
+        """Stop taking jobs; running ones get ``grace`` seconds, the rest stay queued for the next start."""
+        self.accepting = False
+        if self.store:
+            self.store.close()
+        deadline = time.monotonic() + grace
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self.background.shutdown(wait=False, cancel_futures=True)
+        if self.store:
+            self.store.stop()
+
+    def depth(self) -> int:
+        return self.store.depth()
+
+    def register_sender(self, kind: str, calls: Callable[[dict], list]) -> None:
+        """Say how a reply of ``kind`` becomes HTTP calls: ``calls(args)`` returns a list of
+        (what, method, url, body, headers), sent in order (built when sent, so tokens are read then)."""
+        self._senders[kind] = calls
+
+    # --- sync ---
+
+    def _slot(self, wh: Webhook | None):
+        """A per-webhook semaphore for ``max_concurrency`` (None when unlimited)."""
+        if wh is None or not wh.max_concurrency:
+            return None
+        with self._slots_lock:
+            limit, sem = self._slots.get(wh.name, (None, None))
+            if limit != wh.max_concurrency:
+                sem = threading.BoundedSemaphore(wh.max_concurrency)
+                self._slots[wh.name] = (wh.max_concurrency, sem)
+            return sem
+
+    def run_sync(self, *, webhook: str, agent: AgentConfig, message: str, context: dict, delivery_id: str,
+                 event: str | None = None, wh: Webhook | None = None) -> str:
+        """Run an agent now and record the delivery; raise 502/503/504 as HTTPError."""
+        timeout = min(wh.timeout or agent.timeout, agent.timeout) if wh else agent.timeout
+        slot = self._slot(wh)
+        if slot and not slot.acquire(timeout=timeout):
+            raise Unavailable(f"webhook '{webhook}' is at its max_concurrency ({wh.max_concurrency})",
+                              headers={"Retry-After": "5"})
+        started = time.monotonic()
+        try:
+            response = run_agent(agent, message, context, webhook=webhook, delivery_id=delivery_id, timeout=timeout)
+        except AgentError as e:
+            self.record(id=delivery_id, webhook=webhook, agent=agent.name, status="failed", attempts=1, event=event,
+                        message=message, context=context, error=e.detail, finished_at=clock())
+            self.metrics.delivery("failed", time.monotonic() - started)
+            log.warning("delivery %s: agent %s failed: %s", delivery_id, agent.name, e.detail[-500:])
+            raise e.as_http() from None
+        finally:
+            if slot:
+                slot.release()
+        self.metrics.delivery("succeeded", time.monotonic() - started)
+        self.record(id=delivery_id, webhook=webhook, agent=agent.name, status="succeeded", attempts=1,
+                    event=event, response=response, finished_at=clock())
+        return response
+
+    def record(self, **fields) -> None:
+        """Record a delivery that is already finished (sync, filtered)."""
+        self.store.record(delivery_row(**fields))
+
+    # --- async ---
+
+    def enqueue(self, *, webhook: str, agent: AgentConfig, message: str, context: dict, delivery_id: str,
+                event: str | None = None, reply_to: Iterable = ()) -> None:
+        """Store an async job durably, then queue it; 503 when the queue is full or the server stops."""
+        if not self.accepting:
+            raise Unavailable("the server is shutting down", headers={"Retry-After": "5"})
+        with self._pending_lock:
+            if self._pending >= self.options.queue_size:
+                raise Unavailable(f"the delivery queue is full ({self.options.queue_size} jobs)", headers={"Retry-After": "5"})
+            self._pending += 1
+        try:
+            self.store.enqueue(delivery_row(id=delivery_id, webhook=webhook, agent=agent.name, status="queued",
+                                            max_attempts=self.options.max_attempts, event=event, message=message,
+                                            context=context, reply_to=list(reply_to)))
+        except HTTPError:
+            self._done()
+            raise
+
+    def retry(self, delivery_id: str) -> None:
+        """Run a failed delivery again from its first attempt (409 unless it failed and kept its message)."""
+        row = self.store.get(delivery_id)
+        if row is None:
+            raise NotFound(f"unknown delivery '{delivery_id}'")
+        if row["status"] != "failed" or row["message"] is None:
+            raise Conflict(f"delivery '{row['id']}' is {row['status']}: only failed deliveries can be replayed")
+        with self._pending_lock:
+            self._pending += 1
+        try:
+            self.store.requeue(delivery_id, self.options.max_attempts)
+        except HTTPError:
+            self._done()
+            raise
+
+    def _done(self) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+
+    def _worker(self) -> None:
+        while self.accepting:
+            self._write_unsaved()
+            row = self.store.next_job(self.options.retry_base if self._unsaved else 1.0)
+            if row is None:
+                continue
+            try:
+                final = self._run_job(row)
+            except Exception:  # a worker must survive any one job
+                log.exception("delivery %s: worker error", row["id"])
+                final = True
+            if final:
+                self._done()
+
+    def _run_job(self, row) -> bool:
+        """Run one claimed job; return True once it is finished (succeeded or failed for good)."""
+        delivery_id, attempts = row["id"], row["attempts"]
+        context = json.loads(row["context"] or "{}")
+        started = time.monotonic()
+        try:
+            agent = self.config().agents.get(row["agent"])
+            if agent is None:
+                raise AgentError(f"unknown agent '{row['agent']}'")
+            response = run_agent(agent, row["message"] or "", context, webhook=row["webhook"], delivery_id=delivery_id)
+        except (AgentError, HTTPError) as e:
+            error = getattr(e, "detail", None) or e.message
+            if not self.accepting:  # stopping: leave it queued for the next start, not dead-lettered
+                self.store.reschedule(delivery_id, error, None)
+                return True
+            if attempts < row["max_attempts"]:
+                self.store.reschedule(delivery_id, error, clock() + backoff_delay(attempts, self.options.retry_base))
+                log.info("delivery %s: attempt %d failed, retrying: %s", delivery_id, attempts, error[-300:])
+                return False
+            final = dict(status="failed", error=error, finished_at=clock())
+        else:
+            final = dict(status="succeeded", response=response, error=None, message=None, context=None,
+                         finished_at=clock(), next_attempt_at=None)
+        self.metrics.delivery(final["status"], time.monotonic() - started)
+        return self._finish(delivery_id, final, row["reply_to"])
+
+    def _finish(self, delivery_id: str, final: dict, reply_to: str | None) -> bool:
+        """Commit a job's final status; if that fails (a full disk), keep it and write it again later.
+
+        Without this the record would stay ``running`` and the job would run again at the next start.
+        """
+        try:
+            self.store.complete(delivery_id, final)
+        except HTTPError as e:
+            log.error("delivery %s: the final status (%s) is kept in memory and written again in %gs: %s",
+                      delivery_id, final["status"], self.options.retry_base, e.message)
+            with self._unsaved_lock:
+                self._unsaved[delivery_id] = (final, reply_to, clock() + self.options.retry_base)
+            return False
+        if reply_to:
+            record = public_delivery(self.store.get(delivery_id))
+            for target in json.loads(reply_to):
+                self.send_later("reply_to", {"url": target["url"], "headers": target.get("headers", {}),
+                                             "record": record}, delivery_id)
+        return True
+
+    def _write_unsaved(self) -> None:
+        with self._unsaved_lock:
+            due = [(k, v) for k, v in self._unsaved.items() if v[2] <= clock()]
+            for k, _ in due:
+                del self._unsaved[k]
+        for delivery_id, (final, reply_to, _) in due:
+            if self._finish(delivery_id, final, reply_to):
+                self._done()
+
+    # --- replies: outbound calls as durable work ---
+
+    def send_later(self, kind: str, args: dict, delivery_id: str | None = None) -> None:
+        """Queue an outbound call (``reply_to``, a platform answer): stored, sent by a sender thread,
+        retried with backoff when the target fails (5xx, 429, network), never by sleeping in a worker."""
+        row = dict(id=new_id(), delivery_id=delivery_id, kind=kind, args=json_dumps(args), status="queued", sent=0,
+                   attempts=0, error=None, created_at=clock(), next_attempt_at=0.0)
+        try:
+            self.store.add_reply(row)
+        except HTTPError as e:  # still sent (it is queued in memory), but it would not survive a restart
+            log.error("%s reply %s could not be stored (it is sent, but not kept across a restart): %s",
+                      kind, row["id"], e.message)
+
+    def _reply_to_calls(self, args: dict) -> list:
+        headers = _resolve_values(args["headers"], "reply_to header")
+        return [("reply_to", "POST", args["url"], args["record"], headers)]
+
+    def _sender(self) -> None:
+        while self.accepting:
+            row = self.store.next_reply(1.0)
+            if row is not None:
+                try:
+                    self._send(dict(row))
+                except Exception:  # a sender must survive any one reply
+                    log.exception("reply %s: sender error", row["id"])
+
+    def _send(self, row: dict) -> None:
+        """Send a reply's calls in order from the first unsent one; on a failure, schedule the rest again."""
+        try:
+            calls = self._senders[row["kind"]](json.loads(row["args"]))
+        except HTTPError as e:  # a reference that does not resolve, a missing token: retrying will not help
+            log.error("%s: cannot send: %s", row["kind"], e.message)
+            self.store.reply_progress(dict(row, status="failed", error=e.message))
+            return
+        while row["sent"] < len(calls):
+            what, method, url, body, headers = calls[row["sent"]]
+            error = None
+            try:
+                status, raw = http_request(method, url, body, headers, REPLY_TIMEOUT)
+                if status >= 500 or status == 429:
+                    error = f"HTTP {status}"
+                elif status >= 400:  # the target refuses this call: trying again will not change that
+                    log.error("%s: %s %s answered HTTP %d: %s", what, method, _safe_url(url), status, raw[:300])
+                elif b'"ok":false' in raw[:4096].replace(b" ", b""):  # Slack's Web API: 200 with ok=false
+                    log.error("%s refused: %s", what, raw[:300])
+            except OutboundError as e:
+                error = str(e)
+            if error is None:
+                row.update(sent=row["sent"] + 1, attempts=0, error=None)
+                continue
+            row["attempts"] += 1
+            log.warning("%s: %s %s failed (attempt %d/%d): %s", what, method, _safe_url(url), row["attempts"],
+                        REPLY_ATTEMPTS, error)
+            if row["attempts"] < REPLY_ATTEMPTS and self.accepting:
+                row.update(error=error, next_attempt_at=clock() + backoff_delay(row["attempts"],
+                                                                                  min(self.options.retry_base, 1.0)))
+            else:
+                row.update(status="failed" if self.accepting else "queued", error=error)
+            self.store.reply_progress(row)
+            return
+        self.store.reply_progress(dict(row, status="sent"))
+
+
+def _safe_url(url: str) -> str:
+    """A URL fit for the log: no path (bot tokens and interaction tokens live there)."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}/..."
+
+
+# === Requests ===
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InvalidJSON(f"the body holds {name}, which is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses to inf and would be echoed back as invalid JSON
+        raise InvalidJSON(f"the body holds the number {text[:40]}, which is out of range")
+    return value
+
+
+@dataclasses.dataclass
+class Request:
+    """One HTTP request as the application sees it (no sockets)."""
+
+    method: str
+    target: str
+    headers: dict  # lower-case names, first value wins
+    client_ip: str = "127.0.0.1"
+    body: bytes = b""
+    request_id: str = ""
+    path: str = ""
+    query: dict = dataclasses.field(default_factory=dict)
+    params: dict = dataclasses.field(default_factory=dict)
+    route: Any = None
+    info: dict = dataclasses.field(default_factory=dict)  # webhook, agent, outcome, delivery_id: for the log line
+    config: Any = None  # the Config and the VaultView this request sees, taken once when it is admitted
+    vault: Any = None
+
+    def __post_init__(self):
+        path, _, query = self.target.partition("?")
+        self.path = urllib.parse.urlsplit(path).path or "/" if "://" in path else path or "/"
+        if query:
+            self.query = {k: v[0] for k, v in urllib.parse.parse_qs(query, keep_blank_values=True).items()}
+        rid = self.headers.get("x-request-id", "")
+        self.request_id = self.request_id or (rid if REQUEST_ID_RE.fullmatch(rid) else new_id()[:16])
+
+    def json(self, allow_form: bool = False, empty: Any = None) -> Any:
+        """Parse the body as JSON whatever the Content-Type says (curl -d sends a form type).
+
+        With ``allow_form``, a ``payload=<urlencoded JSON>`` form body (GitHub's
+        "form" content type) is decoded first.
+        """
+        body = self.body
+        if not body.strip():
+            if empty is not None:
+                return empty
+            raise BadRequest("the body is empty: send a JSON object", code="invalid_json")
+        if allow_form and body.startswith(b"payload="):
+            form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+            body = form.get("payload", [""])[0].encode()
+        try:
+            doc = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+            if _SURROGATE_ESCAPE.search(body):  # "\ud800" alone parses to a str that is not Unicode
+                json.dumps(doc, ensure_ascii=False).encode("utf-8")
+            return doc
+        except UnicodeDecodeError:
+            raise InvalidJSON("the body is not UTF-8") from None
+        except UnicodeEncodeError:
+            raise InvalidJSON("the body holds a lone UTF-16 surrogate escape (like \\ud800): not valid Unicode") from None
+        except json.JSONDecodeError as e:
+            raise InvalidJSON(f"the body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        except RecursionError:
+            raise InvalidJSON("the body is nested too deeply") from None
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            raise InvalidJSON(f"the body is not usable JSON: {e}") from None
+
+    def json_object(self, allow_form: bool = False, empty: Any = None) -> dict:
+        doc = self.json(allow_form, empty)
+        if not isinstance(doc, dict):
+            raise BadRequest(f"the body must be a JSON object, not {type(doc).__name__.replace('list', 'an array')}")
+        return doc
+
+
+@dataclasses.dataclass
+class Response:
+    """What the HTTP layer writes: status, headers and body bytes."""
+
+    status: int
+    body: bytes = b""
+    headers: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def json(cls, status: int, doc: Any, headers: dict | None = None) -> "Response":
+        # ASCII escapes: valid JSON for any str, lone surrogates from an agent's answer included
+        return cls(status, json.dumps(doc).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+    @classmethod
+    def error(cls, err: HTTPError) -> "Response":
+        return cls.json(err.status, err.body(), err.headers)
+
+
+def _field(doc: dict, key: str, types, required: bool = False, default: Any = None, nonempty: bool = False) -> Any:
+    """Fetch a request field, checking its type (a 400 names the field)."""
+    value = _expect(doc, key, types, key, required, default, error=lambda message: BadRequest(f"'{key}' {message}"))
+    if nonempty and not value:
+        raise BadRequest(f"'{key}' must not be empty")
+    return value
 
 
 # === Platforms ===
@@ -2328,12 +3099,16 @@ def discord_message(interaction: dict) -> str:
 class Platforms:
     """Telegram, Slack and Discord routes (SPEC section 9); each answers 2xx to every authenticated request."""
 
-    def __init__(self, app: "App"):
-        self.app = app
-        self.vault = app.vault
+    def __init__(self, vault: Vault, engine: DeliveryEngine, inline_window: float):
+        self.vault = vault  # read when an answer is sent; a request reads its own snapshot (req.vault)
+        self.engine = engine
+        self.inline_window = inline_window
+        for kind, calls in [("telegram", self._telegram_calls), ("slack_post", self._slack_post_calls),
+                            ("slack_respond", self._slack_respond_calls), ("discord_edit", self._discord_edit_calls)]:
+            engine.register_sender(kind, calls)
 
-    def _require(self, platform: str, key: str) -> str:
-        value = self.vault.get(key)
+    def _require(self, req: Request, platform: str, key: str) -> str:
+        value = req.vault.get(key)
         if not value:
             raise NotConfigured(f"{platform} is not configured (set vault key {key})")
         return value
@@ -2347,8 +3122,13 @@ class Platforms:
         log.info("%s: ignored: %s", req.info.get("webhook"), why)
         return Response.json(200, body if body is not None else {"ok": True, "ignored": why})
 
+    def _later(self, req: Request, kind: str, args: dict) -> Callable[[str], None]:
+        """Where a late answer goes: a durable reply of ``kind`` (sent and retried by the engine)."""
+        delivery_id = req.info.setdefault("delivery_id", new_id())
+        return lambda text: self.engine.send_later(kind, {**args, "text": text}, delivery_id)
+
     def _duplicate(self, req: Request, platform: str, key: str) -> bool:
-        earlier = self.app.deliveries.claim(platform, key, req.info.setdefault("delivery_id", new_id()))
+        earlier = self.engine.store.claim(platform, key, req.info.setdefault("delivery_id", new_id()))
         if earlier is not None:
             req.info["outcome"] = "duplicate"
             log.info("%s: %s already seen (delivery %s): not run again", platform, key, earlier["id"])
@@ -2362,22 +3142,22 @@ class Platforms:
         Without ``late`` (nowhere to send a late answer) the reply waits for the agent.
         """
         delivery_id = req.info.setdefault("delivery_id", new_id())
-        name = self.vault.get(agent_key) or "default"
+        name = req.vault.get(agent_key) or "default"
         req.info["agent"] = name
-        agent = self.app.config().agents.get(name)
+        agent = req.config.agents.get(name)
         if agent is None:  # the operator's mistake, not the sender's: still a 2xx, and say so in the chat
             log.error("%s: vault key %s names unknown agent '%s'", platform, agent_key, name)
             req.info["outcome"] = "agent_failed"
             answer = f"Sorry, this bot is not set up right: agent '{name}' does not exist."
             if always_late:
-                self.app.background.submit(late, answer)
+                late(answer)
                 return None
             return answer
 
         def run() -> str:
             try:
-                return self.app.run_sync(req, webhook=platform, agent=agent, message=message, context=context,
-                                         delivery_id=delivery_id)
+                return self.engine.run_sync(webhook=platform, agent=agent, message=message, context=context,
+                                            delivery_id=delivery_id)
             except HTTPError as e:
                 return f"Sorry, the agent could not answer ({e.message}; delivery {delivery_id})."
             except Exception:  # the platform still gets its 2xx, and the chat an answer
@@ -2386,22 +3166,22 @@ class Platforms:
 
         if always_late:  # Slack events and interactions: the reply body is ignored
             req.info["outcome"] = "deferred"
-            self.app.background.submit(lambda: late(run()))
+            self.engine.background.submit(lambda: late(run()))
             return None
-        future = self.app.background.submit(run)
+        future = self.engine.background.submit(run)
         try:
-            answer = future.result(timeout=self.app.options.inline_window if late else agent.timeout + 5)
+            answer = future.result(timeout=self.inline_window if late else agent.timeout + 5)
             req.info["outcome"] = "ok"
             return answer
         except concurrent.futures.TimeoutError:
             req.info["outcome"] = "deferred"
-            future.add_done_callback(lambda f: self.app.background.submit(late, f.result()))
+            future.add_done_callback(lambda f: late(f.result()))
             return None
 
     # --- Telegram ---
 
     def _telegram_verify(self, req: Request) -> None:
-        secret = self._require("telegram", "telegram_secret_token")
+        secret = self._require(req, "telegram", "telegram_secret_token")
         if not secrets_equal(req.headers.get("x-telegram-bot-api-secret-token"), secret):
             raise Unauthorized("missing or wrong X-Telegram-Bot-Api-Secret-Token (setWebhook's secret_token "
                                "must equal vault telegram_secret_token)")
@@ -2424,56 +3204,54 @@ class Platforms:
         context = {"platform": "telegram", "chat_id": chat_id, "user_id": sender.get("id"),
                    "username": sender.get("username"), "update_id": update.get("update_id"),
                    "message_id": source.get("message_id")}
-        token = self.vault.get("telegram_bot_token")
-        send = functools.partial(self._telegram_send, token, chat_id) if token else None
+        send = self._later(req, "telegram", {"chat_id": chat_id}) if req.vault.get("telegram_bot_token") else None
         answer = self._answer(req, "telegram", "telegram_agent", text, context, send)
         if answer is None:
             return Response.json(200, {})
         first, *rest = split_text(answer or "(empty answer)", 4096)
         if rest and send:
             # every piece through the Bot API, in order (an inline first piece could arrive after the rest)
-            self.app.background.submit(send, answer)
+            send(answer)
             return Response.json(200, {})
         if rest:
             log.warning("telegram: answer cut to 4096 characters (set telegram_bot_token to send the rest)")
         return Response.json(200, {"method": "sendMessage", "chat_id": chat_id, "text": first})
 
-    def _telegram_send(self, token: str, chat_id: Any, text: str) -> None:
+    def _telegram_calls(self, args: dict) -> list:
+        token = self.vault.get("telegram_bot_token")
+        if not token:
+            raise NotConfigured("telegram: cannot answer: vault key telegram_bot_token is not set")
         url = f"{self.vault.setting('telegram_api_url').rstrip('/')}/bot{token}/sendMessage"
-        for piece in split_text(text or "(empty answer)", 4096):
-            self.app.outbound("telegram sendMessage", "POST", url, {"chat_id": chat_id, "text": piece})
+        return [("telegram sendMessage", "POST", url, {"chat_id": args["chat_id"], "text": piece}, {})
+                for piece in split_text(args["text"] or "(empty answer)", 4096)]
 
     # --- Slack ---
 
     def _slack_verify(self, req: Request) -> None:
-        secret = self._require("slack", "slack_signing_secret")
+        secret = self._require(req, "slack", "slack_signing_secret")
         if not verify_slack_signature(secret, req.body, req.headers.get("x-slack-request-timestamp"),
                                       req.headers.get("x-slack-signature")):
             raise Unauthorized("missing, wrong or stale Slack signature (X-Slack-Signature, timestamp within 5 minutes)")
 
-    def _slack_post(self, channel: str, thread_ts: str | None, text: str) -> None:
+    def _slack_post_calls(self, args: dict) -> list:
         token = self.vault.get("slack_bot_token")
         if not token:
-            log.error("slack: cannot answer: vault key slack_bot_token is not set")
-            return
-        body = {"channel": channel, "text": text or "(empty answer)"}
-        if thread_ts:
-            body["thread_ts"] = thread_ts
-        result = self.app.outbound("slack chat.postMessage", "POST", f"{self.vault.setting('slack_api_url').rstrip('/')}/chat.postMessage",
-                                   body, {"Authorization": f"Bearer {token}", "Content-Type": "application/json; charset=utf-8"})
-        if result and result[0] == 200 and b'"ok":false' in result[1].replace(b" ", b""):
-            log.error("slack chat.postMessage refused: %s", result[1][:300])
+            raise NotConfigured("slack: cannot answer: vault key slack_bot_token is not set")
+        body = {"channel": args["channel"], "text": args["text"] or "(empty answer)"}
+        if args.get("thread_ts"):
+            body["thread_ts"] = args["thread_ts"]
+        return [("slack chat.postMessage", "POST", f"{self.vault.setting('slack_api_url').rstrip('/')}/chat.postMessage",
+                 body, {"Authorization": f"Bearer {token}", "Content-Type": "application/json; charset=utf-8"})]
 
-    def _slack_respond(self, response_url: str | None, text: str) -> None:
-        if not response_url:
-            log.warning("slack: no response_url to answer to")
-            return
-        if not host_allowed(response_url, self.vault.setting("slack_response_url_hosts")):
-            log.error("slack: response_url host %s is not in slack_response_url_hosts: answer dropped",
-                      urllib.parse.urlsplit(response_url).netloc)
-            return
-        self.app.outbound("slack response_url", "POST", response_url,
-                          {"response_type": "in_channel", "replace_original": False, "text": text or "(empty answer)"})
+    def _slack_respond_calls(self, args: dict) -> list:
+        url = args.get("response_url")
+        if not url:
+            raise BadRequest("slack: no response_url to answer to")
+        if not host_allowed(url, self.vault.setting("slack_response_url_hosts")):
+            raise Forbidden(f"slack: response_url host {urllib.parse.urlsplit(url).netloc} is not in "
+                            "slack_response_url_hosts: answer dropped")
+        return [("slack response_url", "POST", url,
+                 {"response_type": "in_channel", "replace_original": False, "text": args["text"] or "(empty answer)"}, {})]
 
     def slack_events(self, req: Request) -> Response:
         """Slack Events API: URL verification, DMs and @mentions answered in thread."""
@@ -2498,7 +3276,7 @@ class Platforms:
         context = {"platform": "slack", "team_id": doc.get("team_id"), "channel": event.get("channel"),
                    "user": event.get("user"), "ts": event.get("ts"), "event_id": doc.get("event_id")}
         thread = event.get("thread_ts") or event.get("ts")
-        late = functools.partial(self._slack_post, event["channel"], thread)
+        late = self._later(req, "slack_post", {"channel": event["channel"], "thread_ts": thread})
         self._answer(req, "slack", "slack_agent", text, context, late, always_late=True)
         return Response.json(200, {"ok": True})
 
@@ -2523,14 +3301,14 @@ class Platforms:
                        "channel": _obj(payload.get("channel")).get("id"),
                        "action_ids": [a.get("action_id") for a in actions]}
             # Slack ignores the reply body of an interaction: the answer always goes to response_url
-            late = functools.partial(self._slack_respond, payload.get("response_url"))
+            late = self._later(req, "slack_respond", {"response_url": payload.get("response_url")})
             self._answer(req, "slack", "slack_agent", message, context, late, always_late=True)
             return Response(200)
         if "command" in form:
             message = form.get("text", "").strip() or form["command"]
             context = {"platform": "slack", "command": form["command"], "user": form.get("user_id"),
                        "channel": form.get("channel_id"), "team_id": form.get("team_id")}
-            late = functools.partial(self._slack_respond, form.get("response_url"))
+            late = self._later(req, "slack_respond", {"response_url": form.get("response_url")})
             answer = self._answer(req, "slack", "slack_agent", message, context, late)
             if answer is None:
                 return Response(200)
@@ -2540,7 +3318,7 @@ class Platforms:
     # --- Discord ---
 
     def _discord_verify(self, req: Request) -> None:
-        key = self._require("discord", "discord_public_key")
+        key = self._require(req, "discord", "discord_public_key")
         if not ed25519_available():
             raise Unavailable("Discord needs Ed25519: install moxxy-webhooks[discord] (the cryptography package)")
         if not verify_discord_signature(key, req.body, req.headers.get("x-signature-timestamp"),
@@ -2563,191 +3341,21 @@ class Platforms:
         user = _obj(_obj(doc.get("member")).get("user") or doc.get("user"))
         context = {"platform": "discord", "interaction_id": doc.get("id"), "guild_id": doc.get("guild_id"),
                    "channel_id": doc.get("channel_id"), "user_id": user.get("id"), "username": user.get("username")}
-        late = functools.partial(self._discord_edit, doc.get("application_id"), doc.get("token"))
+        late = self._later(req, "discord_edit", {"application_id": doc.get("application_id"), "token": doc.get("token")})
         answer = self._answer(req, "discord", "discord_agent", discord_message(doc), context, late)
         if answer is None:
             return Response.json(200, {"type": 5})
         return Response.json(200, {"type": 4, "data": {"content": cut_text(answer or "(empty answer)", 2000)}})
 
-    def _discord_edit(self, application_id: str | None, token: str | None, text: str) -> None:
-        if not (application_id and token):
-            log.error("discord: interaction without application_id/token: answer dropped")
-            return
-        url = (f"{self.vault.setting('discord_api_url').rstrip('/')}/webhooks/{urllib.parse.quote(str(application_id))}/"
-               f"{urllib.parse.quote(str(token))}/messages/@original")
-        self.app.outbound("discord edit original", "PATCH", url, {"content": cut_text(text or "(empty answer)", 2000)})
+    def _discord_edit_calls(self, args: dict) -> list:
+        if not (args.get("application_id") and args.get("token")):
+            raise BadRequest("discord: interaction without application_id/token: answer dropped")
+        url = (f"{self.vault.setting('discord_api_url').rstrip('/')}/webhooks/{urllib.parse.quote(str(args['application_id']))}/"
+               f"{urllib.parse.quote(str(args['token']))}/messages/@original")
+        return [("discord edit original", "PATCH", url, {"content": cut_text(args["text"] or "(empty answer)", 2000)}, {})]
 
 
 # === Application ===
-
-
-@dataclasses.dataclass
-class Options:
-    """Settings of a running server (from ``serve``'s options)."""
-
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    max_body: int = DEFAULT_MAX_BODY
-    workers: int = 4
-    queue_size: int = 1000
-    max_attempts: int = 5
-    retry_base: float = 5.0
-    retention: float = 7 * 86400
-    inline_window: float = 2.5
-    grace: float = 10.0
-    request_timeout: float = 30.0
-    idle_timeout: float = 5.0
-    max_connections: int = 256
-    max_connections_per_client: int = 64  # below the global cap: one address cannot lock everyone out
-    rate_limit: str | None = "100/s"
-    trusted_proxies: tuple = ()
-    allow_api_exec: bool = False
-    log_bodies: bool = False
-    metrics_admin: bool = False
-    tls_cert: str | None = None
-    tls_key: str | None = None
-
-
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _refuse_constant(name: str) -> Any:
-    raise InvalidJSON(f"the body holds {name}, which is not JSON (RFC 8259 has no NaN or Infinity)")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400 parses to inf and would be echoed back as invalid JSON
-        raise InvalidJSON(f"the body holds the number {text[:40]}, which is out of range")
-    return value
-
-
-@dataclasses.dataclass
-class Request:
-    """One HTTP request as the application sees it (no sockets)."""
-
-    method: str
-    target: str
-    headers: dict  # lower-case names, first value wins
-    client_ip: str = "127.0.0.1"
-    body: bytes = b""
-    request_id: str = ""
-    path: str = ""
-    query: dict = dataclasses.field(default_factory=dict)
-    params: dict = dataclasses.field(default_factory=dict)
-    route: Any = None
-    info: dict = dataclasses.field(default_factory=dict)  # webhook, agent, outcome, delivery_id: for the log line
-
-    def __post_init__(self):
-        path, _, query = self.target.partition("?")
-        self.path = urllib.parse.urlsplit(path).path or "/" if "://" in path else path or "/"
-        if query:
-            self.query = {k: v[0] for k, v in urllib.parse.parse_qs(query, keep_blank_values=True).items()}
-        rid = self.headers.get("x-request-id", "")
-        self.request_id = self.request_id or (rid if REQUEST_ID_RE.fullmatch(rid) else new_id()[:16])
-
-    def json(self, allow_form: bool = False, empty: Any = None) -> Any:
-        """Parse the body as JSON whatever the Content-Type says (curl -d sends a form type).
-
-        With ``allow_form``, a ``payload=<urlencoded JSON>`` form body (GitHub's
-        "form" content type) is decoded first.
-        """
-        body = self.body
-        if not body.strip():
-            if empty is not None:
-                return empty
-            raise BadRequest("the body is empty: send a JSON object", code="invalid_json")
-        if allow_form and body.startswith(b"payload="):
-            form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
-            body = form.get("payload", [""])[0].encode()
-        try:
-            doc = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
-            if _SURROGATE_ESCAPE.search(body):  # "\ud800" alone parses to a str that is not Unicode
-                json.dumps(doc, ensure_ascii=False).encode("utf-8")
-            return doc
-        except UnicodeDecodeError:
-            raise InvalidJSON("the body is not UTF-8") from None
-        except UnicodeEncodeError:
-            raise InvalidJSON("the body holds a lone UTF-16 surrogate escape (like \\ud800): not valid Unicode") from None
-        except json.JSONDecodeError as e:
-            raise InvalidJSON(f"the body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-        except RecursionError:
-            raise InvalidJSON("the body is nested too deeply") from None
-        except ValueError as e:  # e.g. an integer of more than 4300 digits
-            raise InvalidJSON(f"the body is not usable JSON: {e}") from None
-
-    def json_object(self, allow_form: bool = False, empty: Any = None) -> dict:
-        doc = self.json(allow_form, empty)
-        if not isinstance(doc, dict):
-            raise BadRequest(f"the body must be a JSON object, not {type(doc).__name__.replace('list', 'an array')}")
-        return doc
-
-
-@dataclasses.dataclass
-class Response:
-    """What the HTTP layer writes: status, headers and body bytes."""
-
-    status: int
-    body: bytes = b""
-    headers: dict = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def json(cls, status: int, doc: Any, headers: dict | None = None) -> "Response":
-        # ASCII escapes: valid JSON for any str, lone surrogates from an agent's answer included
-        return cls(status, json.dumps(doc).encode(), {"Content-Type": "application/json", **(headers or {})})
-
-    @classmethod
-    def error(cls, err: HTTPError) -> "Response":
-        return cls.json(err.status, err.body(), err.headers)
-
-
-def _field(doc: dict, key: str, types, required: bool = False, default: Any = None, nonempty: bool = False) -> Any:
-    """Fetch a request field, checking its type (a 400 names the field)."""
-    value = _expect(doc, key, types, key, required, default, error=lambda message: BadRequest(f"'{key}' {message}"))
-    if nonempty and not value:
-        raise BadRequest(f"'{key}' must not be empty")
-    return value
-
-
-class Metrics:
-    """Counters and one histogram, rendered in the Prometheus text format."""
-
-    BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60)
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.requests: dict = {}
-        self.deliveries: dict = {}
-        self.latency = [0] * (len(self.BUCKETS) + 1)
-        self.latency_sum = 0.0
-
-    def request(self, route: str, status: int) -> None:
-        with self._lock:
-            key = (route, status)
-            self.requests[key] = self.requests.get(key, 0) + 1
-
-    def delivery(self, status: str, seconds: float | None = None) -> None:
-        with self._lock:
-            self.deliveries[status] = self.deliveries.get(status, 0) + 1
-            if seconds is not None:
-                self.latency[bisect.bisect_left(self.BUCKETS, seconds)] += 1
-                self.latency_sum += seconds
-
-    def render(self, queue_depth: int) -> str:
-        with self._lock:
-            lines = ["# TYPE moxxy_webhooks_requests_total counter"]
-            lines += [f'moxxy_webhooks_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
-            lines.append("# TYPE moxxy_webhooks_deliveries_total counter")
-            lines += [f'moxxy_webhooks_deliveries_total{{status="{s}"}} {n}' for s, n in sorted(self.deliveries.items())]
-            lines += ["# TYPE moxxy_webhooks_queue_depth gauge", f"moxxy_webhooks_queue_depth {queue_depth}",
-                      "# TYPE moxxy_webhooks_agent_seconds histogram"]
-            total = 0
-            for bound, count in zip(self.BUCKETS + (math.inf,), self.latency):
-                total += count
-                le = "+Inf" if bound == math.inf else f"{bound:g}"
-                lines.append(f'moxxy_webhooks_agent_seconds_bucket{{le="{le}"}} {total}')
-            lines += [f"moxxy_webhooks_agent_seconds_sum {self.latency_sum:.6f}", f"moxxy_webhooks_agent_seconds_count {total}"]
-        return "\n".join(lines) + "\n"
 
 
 # Who may call a route. ``App.authorize`` checks it once, from the table, before any handler runs:
@@ -2850,68 +3458,42 @@ DEDUPE_HEADERS = ("x-github-delivery", "webhook-id", "idempotency-key", "x-gitla
 class App:
     """The gateway: request in, response out. The HTTP server is a thin layer over ``handle``."""
 
-    def __init__(self, paths: Paths, options: Options | None = None):
+    def __init__(self, paths: Paths, options: Options | None = None, backend: Backend | None = None):
         self.paths = paths
         self.options = options or Options()
-        self.store = JsonFile(paths.webhooks, empty_config, compile_config)
-        self.vault = Vault(paths.vault)
-        self.deliveries: DeliveryLog | None = None
-        self.jobs = JobQueue()
+        self.backend = backend or open_backend(paths)
+        self.store = self.backend.config
+        self.vault = self.backend.vault
         self.metrics = Metrics()
+        self.engine = DeliveryEngine(self.backend.open_deliveries, self.store.current, self.options, self.metrics)
         rate = parse_rate(self.options.rate_limit)
         self.ip_limiter, self.hook_limiter = RateLimiter(rate), RateLimiter(rate)
-        self.accepting = True
-        self._pending = 0
-        self._pending_lock = threading.Lock()
-        self._slots: dict = {}
-        self._slots_lock = threading.Lock()
-        self._workers: list[threading.Thread] = []
-        self._unsaved: dict = {}  # delivery id -> (final fields, reply_to) whose commit failed
-        self.background = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, self.options.workers * 2),
-                                                                thread_name_prefix="background")
-        self.platforms = Platforms(self)
+        self.platforms = Platforms(self.vault, self.engine, self.options.inline_window)
         self.routes = self._route_table()
         self._static = {(r.method, r.pattern.pattern): r for r in self.routes if "(" not in r.pattern.pattern}
 
     # --- lifecycle ---
 
     def start(self) -> list[str]:
-        """Load the data directory (refusing bad files), generate secrets, recover queued jobs, start workers."""
-        self.paths.ensure()
+        """Load the config (refusing a bad one), generate secrets, recover unfinished jobs, start the engine."""
+        self.backend.prepare()
         self.store.current(strict=True)
-        if not os.path.exists(self.paths.webhooks):  # so that users find it, and stat() finds it cheaply
-            self.store.update(lambda doc: None)
         made = self.vault.ensure_generated(["webhook_secret", "admin_token"])
-        self.deliveries = DeliveryLog(self.paths.db, self.options.retention)
-        self.deliveries.start()
-        recovered = self.deliveries.query("SELECT id, next_attempt_at FROM deliveries WHERE status IN ('queued', 'running')")
-        for row in recovered:
-            self.jobs.put(row["id"], row["next_attempt_at"] or 0.0)
-        self._pending = len(recovered)
+        recovered = self.engine.start()
         if recovered:
-            log.info("recovered %d queued deliveries from %s", len(recovered), self.paths.db)
-        for i in range(self.options.workers):
-            t = threading.Thread(target=self._worker, name=f"worker-{i}", daemon=True)
-            t.start()
-            self._workers.append(t)
+            log.info("recovered %d unfinished deliveries", recovered)
         return made
 
     def stop(self, grace: float | None = None) -> None:
         """Stop taking jobs; running ones get ``grace`` seconds, the rest stay queued for the next start."""
-        self.accepting = False
-        self.jobs.close()
-        deadline = time.monotonic() + (self.options.grace if grace is None else grace)
-        for t in self._workers:
-            t.join(max(0.0, deadline - time.monotonic()))
-        self.background.shutdown(wait=False, cancel_futures=True)
-        if self.deliveries:
-            self.deliveries.stop()
+        self.engine.stop(self.options.grace if grace is None else grace)
 
-    def config(self) -> Config:
-        return self.store.current()
+    @property
+    def deliveries(self) -> DeliveryStore | None:
+        return self.engine.store
 
     def reload(self) -> None:
-        """Re-read every data file on the next request (SIGHUP)."""
+        """Re-read every config document on the next request (SIGHUP)."""
         self.store.force_reload()
         self.vault.file.force_reload()
 
@@ -2971,16 +3553,16 @@ class App:
 
     def admit(self, req: Request, content_length: int | None, chunked: bool = False) -> None:
         """Everything decided before the body is read: route, allowlists, per-IP rate limit, size."""
-        begin_request()
+        req.config, req.vault = self.store.current(), self.vault.view()  # one snapshot per request
         self.match(req)
         access = req.route.access
         if access in SENDER_ACCESS:
-            if access == "generic" and (self.vault.get("generic_enabled") or "").lower() == "false":
+            if access == "generic" and (req.vault.get("generic_enabled") or "").lower() == "false":
                 raise NotFound("the generic webhook is turned off (vault generic_enabled=false)")
-            if not ip_allowed(req.client_ip, self._vault_networks("webhook_allowed_ips")):
+            if not ip_allowed(req.client_ip, self._vault_networks(req, "webhook_allowed_ips")):
                 raise Forbidden(f"client {req.client_ip} is not in webhook_allowed_ips")
             if access in ("webhook", "webhook_or_admin"):
-                wh = self._webhook(req.params["name"])
+                wh = self._webhook(req, req.params["name"])
                 if not ip_allowed(req.client_ip, wh.allowed_ips):
                     raise Forbidden(f"client {req.client_ip} is not in the allowed_ips of webhook '{wh.name}'")
         if access != "public":
@@ -2990,10 +3572,10 @@ class App:
         if content_length is not None and content_length > self.options.max_body:
             raise PayloadTooLarge(f"the body is {content_length} bytes; the limit is {self.options.max_body} (serve --max-body)")
 
-    def _vault_networks(self, key: str) -> tuple:
+    def _vault_networks(self, req: Request, key: str) -> tuple:
         """An allowlist setting of the vault as networks (parsed once per value); a bad one fails closed."""
         try:
-            return _parse_networks_cached(self.vault.get(key) or "", key)
+            return _parse_networks_cached(req.vault.get(key) or "", key)
         except ConfigError as e:  # a broken allowlist must not let everyone in
             log.error("vault key '%s' is invalid: %s", key, e.message)
             raise VaultError(f"vault key '{key}' is not a valid list of IPs/CIDRs (see the server log)") from None
@@ -3047,7 +3629,7 @@ class App:
             return
         if access == "generic":
             req.info["webhook"] = "generic"
-            secret = self.vault.get("webhook_secret")
+            secret = req.vault.get("webhook_secret")
             if not secret:
                 raise Unavailable("webhook_secret is not set in the vault (moxxy-webhooks vault set webhook_secret ...)")
             if not secrets_equal(req.headers.get("x-webhook-secret"), secret):
@@ -3057,7 +3639,7 @@ class App:
             req.info["webhook"] = key = who = req.route.platform
             self.platforms.verify(key, req)
         else:
-            wh = self._webhook(req.params["name"])
+            wh = self._webhook(req, req.params["name"])
             req.info["webhook"] = key = wh.name
             who = f"webhook '{wh.name}'"
             if wh.auth is not None and not (
@@ -3068,7 +3650,7 @@ class App:
         self._rate_limit(self.hook_limiter, key, req, who)
 
     def require_admin(self, req: Request) -> None:
-        token = self.vault.get("admin_token")
+        token = req.vault.get("admin_token")
         if not token:
             raise Unavailable("admin_token is not set in the vault (moxxy-webhooks vault set admin_token ...)")
         auth = req.headers.get("authorization", "")
@@ -3082,78 +3664,20 @@ class App:
             return True
         return False
 
-    def _webhook(self, name: str) -> Webhook:
-        wh = self.config().webhooks.get(name)
+    def _webhook(self, req: Request | None, name: str) -> Webhook:
+        """A webhook as the request sees it (None: as stored now, after a change)."""
+        wh = (req.config if req else self.store.current()).webhooks.get(name)
         if wh is None:
             raise NotFound(f"unknown webhook '{name}' (list them with GET /api/webhooks)")
         return wh
 
-    def _agent(self, name: str) -> AgentConfig:
-        agent = self.config().agents.get(name)
+    def _agent(self, req: Request | None, name: str) -> AgentConfig:
+        agent = (req.config if req else self.store.current()).agents.get(name)
         if agent is None:
             raise NotFound(f"unknown agent '{name}'")
         return agent
 
     # --- delivering to agents ---
-
-    def _slot(self, wh: Webhook | None):
-        """A per-webhook semaphore for ``max_concurrency`` (None when unlimited)."""
-        if wh is None or not wh.max_concurrency:
-            return None
-        with self._slots_lock:
-            limit, sem = self._slots.get(wh.name, (None, None))
-            if limit != wh.max_concurrency:
-                sem = threading.BoundedSemaphore(wh.max_concurrency)
-                self._slots[wh.name] = (wh.max_concurrency, sem)
-            return sem
-
-    def run_sync(self, req: Request, *, webhook: str, agent: AgentConfig, message: str, context: dict,
-                 delivery_id: str, event: str | None = None, wh: Webhook | None = None) -> str:
-        """Run an agent for a sync request and log the delivery; raise 502/503/504 as HTTPError."""
-        timeout = min(wh.timeout or agent.timeout, agent.timeout) if wh else agent.timeout
-        slot = self._slot(wh)
-        if slot and not slot.acquire(timeout=timeout):
-            raise Unavailable(f"webhook '{webhook}' is at its max_concurrency ({wh.max_concurrency})",
-                              headers={"Retry-After": "5"})
-        started = time.monotonic()
-        try:
-            response = run_agent(agent, message, context, webhook=webhook, delivery_id=delivery_id, timeout=timeout)
-        except AgentError as e:
-            self._record(id=delivery_id, webhook=webhook, agent=agent.name, status="failed", attempts=1, event=event,
-                         message=message, context=context, error=e.detail, finished_at=clock())
-            self.metrics.delivery("failed", time.monotonic() - started)
-            log.warning("delivery %s: agent %s failed: %s", delivery_id, agent.name, e.detail[-500:])
-            raise e.as_http() from None
-        finally:
-            if slot:
-                slot.release()
-        self.metrics.delivery("succeeded", time.monotonic() - started)
-        self._record(id=delivery_id, webhook=webhook, agent=agent.name, status="succeeded", attempts=1,
-                     event=event, response=response, finished_at=clock())
-        return response
-
-    def _record(self, **fields) -> None:
-        if self.deliveries:
-            self.deliveries.insert(**fields)
-
-    def enqueue(self, *, webhook: str, agent: AgentConfig, message: str, context: dict, delivery_id: str,
-                event: str | None = None, reply_to: Iterable = ()) -> None:
-        """Commit an async job to the delivery log (group commit), then queue it; 503 when full."""
-        if not self.accepting:
-            raise Unavailable("the server is shutting down", headers={"Retry-After": "5"})
-        with self._pending_lock:
-            if self._pending >= self.options.queue_size:
-                raise Unavailable(f"the delivery queue is full ({self.options.queue_size} jobs)", headers={"Retry-After": "5"})
-            self._pending += 1
-        try:
-            self.deliveries.insert(wait=True, id=delivery_id, webhook=webhook, agent=agent.name, status="queued",
-                                   max_attempts=self.options.max_attempts, event=event, message=message,
-                                   context=context, reply_to=list(reply_to))
-        except HTTPError:
-            with self._pending_lock:
-                self._pending -= 1
-            raise
-        self.jobs.put(delivery_id)
 
     def deliver(self, req: Request, *, webhook: str, agent: AgentConfig, message: str, context: dict, mode: str,
                 delivery_id: str | None = None, event: str | None = None, wh: Webhook | None = None) -> Response:
@@ -3161,106 +3685,16 @@ class App:
         delivery_id = delivery_id or new_id()
         req.info.update(agent=agent.name, delivery_id=delivery_id)
         if mode == "async":
-            self.enqueue(webhook=webhook, agent=agent, message=message, context=context, delivery_id=delivery_id,
-                         event=event, reply_to=wh.reply_to if wh else ())
+            self.engine.enqueue(webhook=webhook, agent=agent, message=message, context=context,
+                                delivery_id=delivery_id, event=event, reply_to=wh.reply_to if wh else ())
             req.info["outcome"] = "queued"
             return Response.json(202, {"success": True, "agent": agent.name, "status": "queued", "delivery_id": delivery_id},
                                  {"Location": f"/api/deliveries/{delivery_id}"})
-        response = self.run_sync(req, webhook=webhook, agent=agent, message=message, context=context,
-                                 delivery_id=delivery_id, event=event, wh=wh)
+        response = self.engine.run_sync(webhook=webhook, agent=agent, message=message, context=context,
+                                        delivery_id=delivery_id, event=event, wh=wh)
         req.info["outcome"] = "ok"
         return Response.json(200, {"success": True, "agent": agent.name, "response": response, "context": context,
                                    "delivery_id": delivery_id})
-
-    def _worker(self) -> None:
-        while True:
-            delivery_id = self.jobs.get()
-            if delivery_id is None:
-                return
-            try:
-                final = self._run_job(delivery_id)
-            except Exception:
-                log.exception("delivery %s: worker error", delivery_id)
-                final = True
-            if final:
-                with self._pending_lock:
-                    self._pending -= 1
-
-    def _run_job(self, delivery_id: str) -> bool:
-        """Run one queued delivery; return True once it is finished (succeeded or failed for good)."""
-        if delivery_id in self._unsaved:  # it ran; only its final status is still to be written
-            return self._finish(delivery_id, *self._unsaved.pop(delivery_id))
-        row = self.deliveries.get(delivery_id)
-        if row is None or row["status"] not in ("queued", "running"):
-            return True
-        attempts = row["attempts"] + 1
-        self.deliveries.update(delivery_id, status="running", attempts=attempts)
-        context = json.loads(row["context"] or "{}")
-        started = time.monotonic()
-        try:
-            agent = self._agent(row["agent"])
-            response = run_agent(agent, row["message"] or "", context, webhook=row["webhook"], delivery_id=delivery_id)
-        except (AgentError, HTTPError) as e:
-            error = getattr(e, "detail", None) or e.message
-            if not self.accepting:  # stopping: leave it queued for the next start, not dead-lettered
-                self.deliveries.update(delivery_id, status="queued", error=error)
-                return True
-            if attempts < row["max_attempts"]:
-                due = clock() + backoff_delay(attempts, self.options.retry_base)
-                self.deliveries.update(delivery_id, status="queued", error=error, next_attempt_at=due)
-                self.jobs.put(delivery_id, due)
-                log.info("delivery %s: attempt %d failed, retrying: %s", delivery_id, attempts, error[-300:])
-                return False
-            final = dict(status="failed", error=error, finished_at=clock())
-        else:
-            final = dict(status="succeeded", response=response, error=None, message=None, context=None,
-                         finished_at=clock(), next_attempt_at=None)
-        self.metrics.delivery(final["status"], time.monotonic() - started)
-        return self._finish(delivery_id, final, row["reply_to"])
-
-    def _finish(self, delivery_id: str, final: dict, reply_to: str | None) -> bool:
-        """Commit a job's final status; if that fails (a full disk), keep it and write it again later.
-
-        Without this the record would stay ``running`` and the job would run again at the next start.
-        """
-        try:
-            self.deliveries.update(delivery_id, wait=True, **final)
-        except HTTPError as e:
-            log.error("delivery %s: the final status (%s) is kept in memory and written again in %gs: %s",
-                      delivery_id, final["status"], self.options.retry_base, e.message)
-            self._unsaved[delivery_id] = (final, reply_to)
-            self.jobs.put(delivery_id, clock() + self.options.retry_base)
-            return False
-        if reply_to:
-            self._send_replies(json.loads(reply_to), public_delivery(self.deliveries.get(delivery_id)))
-        return True
-
-    def _send_replies(self, targets: list, record: dict) -> None:
-        for target in targets:
-            try:
-                headers = _resolve_values(target.get("headers", {}), "reply_to header")
-            except HTTPError as e:
-                log.error("reply_to %s: %s", target["url"], e.message)
-                continue
-            self.outbound("reply_to", "POST", target["url"], record, headers)
-
-    def outbound(self, what: str, method: str, url: str, body: Any, headers: dict | None = None,
-                 attempts: int = 3, timeout: float = 10.0) -> tuple[int, bytes] | None:
-        """Call a platform API or reply_to target, retrying failures (5xx, 429, network) with backoff; log the outcome."""
-        for attempt in range(1, attempts + 1):
-            try:
-                status, raw = http_request(method, url, body, headers, timeout)
-                if status < 500 and status != 429:
-                    if status >= 400:
-                        log.error("%s: %s %s answered HTTP %d: %s", what, method, _safe_url(url), status, raw[:300])
-                    return status, raw
-                error = f"HTTP {status}"
-            except OutboundError as e:
-                error = str(e)
-            log.warning("%s: %s %s failed (attempt %d/%d): %s", what, method, _safe_url(url), attempt, attempts, error)
-            if attempt < attempts:
-                time.sleep(backoff_delay(attempt, min(self.options.retry_base, 1.0)))
-        return None
 
     # --- public routes ---
 
@@ -3270,7 +3704,7 @@ class App:
 
     def metrics_text(self, req: Request) -> Response:
         """Prometheus metrics: requests, deliveries, queue depth, agent latency."""
-        return Response(200, self.metrics.render(len(self.jobs)).encode(), {"Content-Type": "text/plain; version=0.0.4"})
+        return Response(200, self.metrics.render(self.engine.depth()).encode(), {"Content-Type": "text/plain; version=0.0.4"})
 
     def openapi(self, req: Request) -> Response:
         """This API's description (OpenAPI 3.1)."""
@@ -3300,7 +3734,7 @@ class App:
         mode = _field(doc, "response_mode", str, default="sync")
         if mode not in ("sync", "async"):
             raise BadRequest(f"'response_mode' must be 'sync' or 'async', not {mode!r}")
-        agent = self._agent(agent_name)
+        agent = self._agent(req, agent_name)
         if not agent.generic:
             raise Forbidden(f"agent '{agent.name}' is a command agent not exposed to the generic webhook "
                             f"(re-add it with 'moxxy-webhooks agent add {agent.name} ... --generic' to allow it)")
@@ -3317,7 +3751,7 @@ class App:
         return self._named(req, admin_ok=True)
 
     def _named(self, req: Request, admin_ok: bool) -> Response:
-        wh = self._webhook(req.params["name"])  # authenticated by authorize(), over the raw bytes
+        wh = self._webhook(req, req.params["name"])  # authenticated by authorize(), over the raw bytes
         payload = req.json_object(allow_form=True, empty={})
         dry_run = admin_ok and req.query.get("dry_run", "") not in ("", "0", "false")
         if dry_run:
@@ -3331,7 +3765,7 @@ class App:
         mode = req.query.get("response_mode") or wh.response_mode
         if mode not in ("sync", "async"):
             raise BadRequest(f"response_mode must be 'sync' or 'async', not {mode!r}")
-        agent = self._agent(wh.agent)
+        agent = self._agent(req, wh.agent)
         # dedupe
         delivery_id = new_id()
         key = next((req.headers[h][:200] for h in DEDUPE_HEADERS if req.headers.get(h)), None)
@@ -3359,8 +3793,8 @@ class App:
             item_id = delivery_id if i == 0 else new_id()
             if ev.filtered:
                 log.info("webhook %s: event %s filtered: %s", wh.name, ev.event, ev.filtered)
-                self._record(id=item_id, webhook=wh.name, agent=agent.name, status="filtered", event=ev.event,
-                             error=ev.filtered, finished_at=clock())
+                self.engine.record(id=item_id, webhook=wh.name, agent=agent.name, status="filtered", event=ev.event,
+                                   error=ev.filtered, finished_at=clock())
                 req.info.update(outcome="filtered", delivery_id=item_id)
                 results.append(Response.json(200, {"success": True, "filtered": True, "reason": ev.filtered,
                                                    "event": ev.event, "delivery_id": item_id}))
@@ -3390,11 +3824,11 @@ class App:
 
     def list_webhooks(self, req: Request) -> Response:
         """List webhooks (secrets redacted)."""
-        return Response.json(200, {"webhooks": [wh.public() for wh in self.config().webhooks.values()]})
+        return Response.json(200, {"webhooks": [wh.public() for wh in req.config.webhooks.values()]})
 
     def get_webhook(self, req: Request) -> Response:
         """Read one webhook (secret redacted)."""
-        return Response.json(200, self._webhook(req.params["name"]).public())
+        return Response.json(200, self._webhook(req, req.params["name"]).public())
 
     def _no_references(self, doc: dict) -> None:
         if references_in(doc) and not self.options.allow_api_exec:
@@ -3406,7 +3840,7 @@ class App:
         self._no_references(doc)
         name = _field(doc, "name", str, required=True)
         cfg, shown = save_webhook(self.store, name, doc, create=True)
-        out = self._webhook(name).public()
+        out = self._webhook(None, name).public()
         if shown:
             out["secret"] = shown
         return Response.json(201, out, {"Location": f"/api/webhooks/{name}"})
@@ -3419,7 +3853,7 @@ class App:
         if doc.get("name", name) != name:
             raise BadRequest(f"'name' in the body ({doc['name']!r}) differs from the URL ({name!r}); renaming is not supported")
         save_webhook(self.store, name, doc, create=False)
-        return Response.json(200, self._webhook(name).public())
+        return Response.json(200, self._webhook(None, name).public())
 
     def delete_webhook(self, req: Request) -> Response:
         """Delete a webhook."""
@@ -3430,7 +3864,7 @@ class App:
         """Recent deliveries of one webhook."""
         name = req.params["name"]
         if name != "generic" and name not in RESERVED_NAMES:
-            self._webhook(name)
+            self._webhook(req, name)
         limit = req.query.get("limit", "50")
         if not limit.isdigit():
             raise BadRequest("'limit' must be a number")
@@ -3457,36 +3891,28 @@ class App:
         if row is None:
             return False
         if row["webhook"] == "generic":
-            return secrets_equal(req.headers.get("x-webhook-secret"), self.vault.get("webhook_secret"))
-        wh = self.config().webhooks.get(row["webhook"])
+            return secrets_equal(req.headers.get("x-webhook-secret"), req.vault.get("webhook_secret"))
+        wh = req.config.webhooks.get(row["webhook"])
         return bool(wh and wh.auth is not None and authenticate(
             wh.valid_secrets(clock()), ["header", "bearer", "gitlab"], req.headers, b"", clock()))
 
     def retry_delivery(self, req: Request) -> Response:
         """Replay a failed delivery (its payload was kept)."""
-        row = self.deliveries.get(req.params["id"])
-        if row is None:
-            raise NotFound(f"unknown delivery '{req.params['id']}'")
-        if row["status"] != "failed" or row["message"] is None:
-            raise Conflict(f"delivery '{row['id']}' is {row['status']}: only failed deliveries can be replayed")
-        with self._pending_lock:
-            self._pending += 1
-        self.deliveries.update(row["id"], wait=True, status="queued", attempts=0, finished_at=None,
-                               next_attempt_at=None, max_attempts=self.options.max_attempts)
-        self.jobs.put(row["id"])
-        req.info.update(outcome="queued", delivery_id=row["id"])
-        return Response.json(202, {"success": True, "status": "queued", "delivery_id": row["id"]},
-                             {"Location": f"/api/deliveries/{row['id']}"})
+        delivery_id = req.params["id"]
+        self.engine.retry(delivery_id)
+        req.info.update(outcome="queued", delivery_id=delivery_id)
+        return Response.json(202, {"success": True, "status": "queued", "delivery_id": delivery_id},
+                             {"Location": f"/api/deliveries/{delivery_id}"})
 
     # --- admin: agents ---
 
     def list_agents(self, req: Request) -> Response:
         """List agents (header values and api keys redacted)."""
-        return Response.json(200, {"agents": [a.public() for a in self.config().agents.values()]})
+        return Response.json(200, {"agents": [a.public() for a in req.config.agents.values()]})
 
     def get_agent(self, req: Request) -> Response:
         """Read one agent."""
-        return Response.json(200, self._agent(req.params["name"]).public())
+        return Response.json(200, self._agent(req, req.params["name"]).public())
 
     def _agent_body(self, req: Request, name: str | None) -> tuple[str, dict]:
         doc = req.json_object()
@@ -3503,97 +3929,18 @@ class App:
         """Add an agent (echo, http, openai; command only with --allow-api-exec)."""
         name, cfg = self._agent_body(req, None)
         save_agent(self.store, name, cfg, create=True)
-        return Response.json(201, self._agent(name).public(), {"Location": f"/api/agents/{name}"})
+        return Response.json(201, self._agent(None, name).public(), {"Location": f"/api/agents/{name}"})
 
     def replace_agent(self, req: Request) -> Response:
         """Replace an agent."""
         name, cfg = self._agent_body(req, req.params["name"])
         save_agent(self.store, name, cfg, create=False)
-        return Response.json(200, self._agent(name).public())
+        return Response.json(200, self._agent(None, name).public())
 
     def delete_agent(self, req: Request) -> Response:
         """Remove an agent (refused while a webhook uses it)."""
         remove_agent(self.store, req.params["name"])
         return Response.json(200, {"success": True, "deleted": req.params["name"]})
-
-
-def _safe_url(url: str) -> str:
-    """A URL fit for the log: no path (bot tokens and interaction tokens live there)."""
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}/..."
-
-
-# --- changes to webhooks.json, shared by the admin API and the CLI ---
-
-
-def save_webhook(store: JsonFile, name: str, cfg: dict, create: bool) -> tuple[dict, str | None]:
-    """Create or replace a webhook under the file lock; return (stored config, generated secret or None)."""
-    cfg = {k: v for k, v in cfg.items() if k != "name" and k != "has_secret"}
-    generated = None
-
-    def change(doc: dict) -> tuple[dict, str | None]:
-        nonlocal generated
-        hooks = doc.setdefault("webhooks", {})
-        if name in RESERVED_NAMES:
-            raise Conflict(f"'{name}' is a reserved name ({', '.join(sorted(RESERVED_NAMES))})")
-        old = hooks.get(name)
-        if create and old is not None:
-            raise Conflict(f"webhook '{name}' already exists (use PUT /api/webhooks/{name} or 'moxxy-webhooks update')")
-        if not create and old is None:
-            raise NotFound(f"unknown webhook '{name}'")
-        now = utcnow_iso()
-        new = dict(cfg)
-        if new.get("secret") in (None, "", REDACTED):
-            new.pop("secret", None)
-            if old and old.get("secret"):
-                new["secret"] = old["secret"]
-                if old.get("previous_secrets"):
-                    new.setdefault("previous_secrets", old["previous_secrets"])
-            elif new.get("auth") != "none":
-                generated = new["secret"] = secrets.token_urlsafe(24)
-        new["created_at"] = old.get("created_at", now) if old else now
-        new["updated_at"] = now
-        agents = {"default": True, **doc.get("agents", {})}
-        validate_webhook(name, new, agents)
-        hooks[name] = new
-        return new, generated
-
-    return store.update(change)
-
-
-def delete_webhook(store: JsonFile, name: str) -> None:
-    def change(doc: dict) -> None:
-        if name not in doc.get("webhooks", {}):
-            raise NotFound(f"unknown webhook '{name}'")
-        del doc["webhooks"][name]
-
-    store.update(change)
-
-
-def save_agent(store: JsonFile, name: str, cfg: dict, create: bool) -> None:
-    def change(doc: dict) -> None:
-        agents = doc.setdefault("agents", {})
-        if create and name in agents:
-            raise Conflict(f"agent '{name}' already exists (replace it with 'agent add {name} ... --replace' "
-                           f"or PUT /api/agents/{name})")
-        if not create and name not in agents and name != "default":
-            raise NotFound(f"unknown agent '{name}'")
-        validate_agent(name, cfg)
-        agents[name] = cfg
-
-    store.update(change)
-
-
-def remove_agent(store: JsonFile, name: str) -> None:
-    def change(doc: dict) -> None:
-        if name not in doc.get("agents", {}):
-            raise NotFound(f"unknown agent '{name}'" + (" (the built-in default cannot be removed)" if name == "default" else ""))
-        users = sorted(n for n, w in doc.get("webhooks", {}).items() if w.get("agent", "default") == name)
-        if users:
-            raise Conflict(f"agent '{name}' is used by webhook(s) {', '.join(users)}: change or delete them first")
-        del doc["agents"][name]
-
-    store.update(change)
 
 
 # === HTTP server ===
@@ -4031,8 +4378,9 @@ class CliState:
 
     def __init__(self, data_dir: str | None):
         self.paths = Paths.resolve(data_dir)
-        self.store = JsonFile(self.paths.webhooks, empty_config, compile_config)
-        self.vault = Vault(self.paths.vault)
+        self.backend = open_backend(self.paths)
+        self.store = self.backend.config
+        self.vault = self.backend.vault
 
     def config(self) -> Config:
         return self.store.current(strict=True)
@@ -4142,7 +4490,7 @@ def serve(state: CliState, **kw) -> None:
                       trusted_proxies=proxies,
                       allow_api_exec=kw["allow_api_exec"], log_bodies=kw["log_bodies"],
                       metrics_admin=kw["metrics_admin"], tls_cert=kw["tls_cert"], tls_key=kw["tls_key"])
-    app = App(state.paths, options)
+    app = App(state.paths, options, state.backend)
     with _errors():
         made = app.start()
     try:
@@ -4652,7 +5000,7 @@ def deliveries(ctx: click.Context, webhook, status, limit, as_json) -> None:
     if not os.path.exists(state.paths.db):
         rows = []
     else:
-        rows = DeliveryLog(state.paths.db).list(webhook, status, limit)
+        rows = state.backend.open_deliveries(Options.retention).list(webhook, status, limit)
     if as_json:
         _echo_json({"deliveries": rows})
         return

@@ -4730,7 +4730,7 @@ def test_vault_get_prints_references_unresolved(runner, monkeypatch):
     runner("vault", "set", "telegram_bot_token", "${env:MOXXY_TEST_TOKEN}")
     result = runner("vault", "get", "telegram_bot_token")
     assert result.exit_code == 0 and result.stdout == "${env:MOXXY_TEST_TOKEN}\n"
-    assert mw.Vault(vault_file(runner)).get("telegram_bot_token") == "resolved-value"
+    assert mw.open_backend(mw.Paths(runner.data_dir)).vault.get("telegram_bot_token") == "resolved-value"
 
 
 def test_vault_list_prints_keys_only(runner):
