@@ -6,18 +6,20 @@ filters events and hands the message to an agent (echo, a command, an HTTP
 service or an OpenAI-compatible LLM), answering in the reply (sync) or
 durably in the background (async).
 
-Sections (``grep -n '^# ===' moxxy_webhooks.py``):
-    Errors          HTTPError family: each class carries its status and code
-    Storage         atomic JSON files under a lock, stat-based reload, vault
-    Security        signatures, IP allowlists, rate limits
-    Transform       templates, JSONPath mapping, conditions, event names
-    Model           webhook and agent configs, validated and compiled once per load
-    Agents          echo, command, http, openai
-    Delivery        SQLite delivery log, group commit, worker pool, retries
-    Platforms       Telegram, Slack, Discord
-    Application     request -> response, no sockets
-    HTTP server     a thin handler over the application
-    CLI             click commands over the data directory
+Sections (``grep -n '^# ===' moxxy_webhooks.py``), each using only those above it:
+    Errors            HTTPError family: each class carries its status and code
+    Storage           the ConfigStore interface; atomic JSON files under a lock, reloaded on change; vault
+    Security          signatures, IP allowlists, rate limits
+    Transform         templates, JSONPath mapping, conditions, event names
+    Model             webhook and agent configs, validated and compiled once per change; config changes
+    Agents            echo, command, http, openai
+    Delivery log      the DeliveryStore interface; SQLite log and durable queue, group commit; backends
+    Delivery engine   sync runs, async workers and retries, durable replies (reply_to, platform answers)
+    Requests          Request and Response: what the application sees of HTTP
+    Platforms         Telegram, Slack, Discord
+    Application       routes and who may call them, request -> response, no sockets
+    HTTP server       a thin handler over the application
+    CLI               click commands over the same stores
 """
 
 from __future__ import annotations
@@ -4156,8 +4158,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> bool:
         """Answer a request that could not be parsed (bad request line, huge headers) with our JSON error."""
         phrase = STATUS_PHRASES.get(code, "Error")
-        body = json.dumps({"success": False, "error": f"{message or phrase}: fix the HTTP request",
-                           "code": "invalid_request" if code < 500 else "unavailable"}).encode()
+        error = HTTPError(f"{message or phrase}: fix the HTTP request", code="invalid_request" if code < 500 else "unavailable")
+        error.status = code
+        body = Response.error(error).body  # the same JSON error as every other refusal
         self.close_connection = True
         with contextlib.suppress(OSError):
             self.wfile.write((f"HTTP/1.1 {code} {phrase}\r\nContent-Type: application/json\r\n"

@@ -212,6 +212,48 @@ def test_sync_echo_round_trip(gw):
     assert len(body["delivery_id"]) == 32 and headers["x-request-id"]
 
 
+# --- structure ---
+
+
+def test_sections_use_only_the_sections_above_them():
+    """Each ``# ===`` section of the module refers only to names of its own section or those above it."""
+    import ast
+    src = open(mw.__file__, encoding="utf-8").read()
+    starts = [i + 1 for i, line in enumerate(src.splitlines()) if re.match(r"^# === .* ===$", line)]
+    titles = re.findall(r"^# === (.*) ===$", src, re.M)
+    docstring_titles = re.findall(r"^    (\S+(?: \S+)?)\s{2,}", mw.__doc__, re.M)
+    assert docstring_titles == titles  # the module docstring lists the sections as they are
+
+    def section(lineno: int) -> int:
+        return sum(1 for start in starts if start <= lineno)
+
+    tree = ast.parse(src)
+    defined = {}
+    for node in tree.body:
+        for target in [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+                getattr(node, "targets", [getattr(node, "target", None)]):
+            name = getattr(target, "name", None) or getattr(target, "id", None)
+            if name:
+                defined[name] = section(node.lineno)
+    upward = set()
+    for node in tree.body:
+        local = {a.arg for sub in ast.walk(node) if isinstance(sub, ast.arguments)
+                 for a in sub.args + sub.kwonlyargs + [x for x in (sub.vararg, sub.kwarg) if x]}
+        local |= {sub.id for sub in ast.walk(node) if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store)}
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Name) and sub.id not in local and defined.get(sub.id, 0) > section(node.lineno):
+                upward.add((getattr(node, "name", node.lineno), sub.id))
+    assert upward == set()
+
+
+@pytest.mark.parametrize("interface, implementation", [(mw.DeliveryStore, mw.DeliveryLog), (mw.ConfigStore, mw.JsonFile)])
+def test_the_first_backend_implements_its_whole_interface(interface, implementation):
+    missing = [name for name, member in vars(interface).items()
+               if callable(member) and not name.startswith("_") and getattr(implementation, name) is member
+               and name not in ("start", "stop")]
+    assert missing == []
+
+
 # === Pure parts: signatures, allowlists, rate limits, templates, JSONPath, conditions, event names, config validation ===
 
 
@@ -5299,6 +5341,41 @@ def test_reply_to_targets_get_the_finished_delivery_record(gw, recorder):
     assert record["id"] == reply["delivery_id"] and record["status"] == "succeeded" and record["response"] == "deploy done"
     status, _, shown = gw.admin_call("GET", "/api/webhooks/fanout")
     assert shown["reply_to"] == [{"url": target.url + "/hook", "headers": {"Authorization": "***"}}]
+
+
+def test_a_stalled_reply_to_target_does_not_hold_a_worker(gateway, recorder):
+    # one worker: if sending the reply held it (as sleeping retries inside the worker did), job 2 would wait
+    g = gateway(workers=1)
+    answer = threading.Event()
+    target = recorder(lambda method, path, body: (answer.wait(20), (200, {}))[1])
+    try:
+        assert g.admin_call("POST", "/api/webhooks", {"name": "fanout", "secret": "s", "response_mode": "async",
+                                                      "reply_to": [{"url": target.url}]})[0] == 201
+        assert g.request("POST", "/api/webhooks/fanout", {"message": "one"}, {"X-Webhook-Secret": "s"})[0] == 202
+        assert target.next()[3]["response"] == "one"  # the reply is being sent, and its target does not answer
+        second = g.generic({"message": "two", "response_mode": "async"})[2]["delivery_id"]
+        assert g.admin_call("GET", f"/api/deliveries/{second}?wait=5")[2]["status"] == "succeeded"
+    finally:
+        answer.set()
+
+
+def test_a_reply_that_failed_is_sent_after_a_restart(tmp_path, recorder):
+    calls, stopped = [], threading.Event()
+    target = recorder(lambda method, path, body: (calls.append(stopped.is_set()), (503 if len(calls) == 1 else 200, {}))[1])
+    first = Gateway(tmp_path / "data", retry_base=2.0)  # the second attempt is due 0.5-1.5 s later: after the stop
+    assert first.admin_call("POST", "/api/webhooks", {"name": "fanout", "secret": "s", "response_mode": "async",
+                                                      "reply_to": [{"url": target.url}]})[0] == 201
+    delivery_id = first.request("POST", "/api/webhooks/fanout", {"message": "kept"}, {"X-Webhook-Secret": "s"})[2]["delivery_id"]
+    target.next()  # the first attempt, answered 503
+    first.close()
+    stopped.set()
+    second = Gateway(tmp_path / "data")
+    try:
+        method, _, _, record = target.next()
+        assert method == "POST" and record["id"] == delivery_id and record["response"] == "kept"
+        assert calls == [False, True]  # sent by the second gateway, from the stored reply
+    finally:
+        second.close()
 
 
 def _self_signed(tmp_path):
