@@ -1891,7 +1891,87 @@ def _communicate(proc: subprocess.Popen, data: bytes, deadline: float) -> tuple[
     return bytes(out), bytes(err)
 
 
-def run_command(argv: list[str], message: str, env: dict, timeout: float, name: str, cwd: str | None = None) -> str:
+# The watcher: reads "+PGID"/"-PGID" lines, and when its stdin closes (the gateway exited, even
+# killed with SIGKILL) kills every process group still registered. Its own session: a Ctrl-C in the
+# terminal reaches the gateway, which stops its agents itself, not the watcher.
+_WATCHER = r"""
+import os, signal, sys
+groups = set()
+for line in sys.stdin.buffer:
+    try:
+        (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
+    except ValueError:
+        pass
+for pgid in groups:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class ProcessGuard:
+    """Command agents never outlive the gateway.
+
+    Each agent runs in its own process group. The guard registers the group with a small watcher
+    process that holds the read end of a pipe: when the gateway exits by any path (a stop, a crash,
+    ``kill -9``) the pipe closes and the watcher kills every group still registered. The watcher
+    starts with the first command agent; a spawn costs two short pipe writes (no ``preexec_fn``,
+    which is unsafe in a threaded process, and a Linux parent-death signal follows the spawning
+    thread, not the process).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._groups: set = set()
+        self._watcher: subprocess.Popen | None = None
+        self._broken = False
+
+    def _tell(self, line: str) -> None:
+        if self._broken:
+            return
+        try:
+            if self._watcher is None:
+                self._watcher = subprocess.Popen([sys.executable, "-I", "-S", "-c", _WATCHER], stdin=subprocess.PIPE,
+                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                                 start_new_session=True, close_fds=True)
+            os.write(self._watcher.stdin.fileno(), line.encode())
+        except OSError as e:  # the agents still run; only a crash of the gateway could leave them behind
+            self._broken = True
+            log.error("the agent watcher is not running (%s): after a crash, command agents could outlive the gateway", e)
+
+    def add(self, pgid: int) -> None:
+        with self._lock:
+            self._groups.add(pgid)
+            self._tell(f"+{pgid}\n")
+
+    def discard(self, pgid: int) -> None:
+        with self._lock:
+            self._groups.discard(pgid)
+            self._tell(f"-{pgid}\n")
+
+    def kill_all(self) -> int:
+        """Kill every running agent's process group now (a stop past its grace); return how many."""
+        with self._lock:
+            groups = list(self._groups)
+        for pgid in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+        return len(groups)
+
+    def close(self) -> None:
+        """Close the pipe: the watcher kills what is still registered and exits."""
+        with self._lock:
+            if self._watcher is not None:
+                with contextlib.suppress(OSError):
+                    self._watcher.stdin.close()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._watcher.wait(2)
+                self._watcher = None
+
+
+def run_command(argv: list[str], message: str, env: dict, timeout: float, name: str, cwd: str | None = None,
+                guard: ProcessGuard | None = None) -> str:
     """Run a command agent: argv with ``{message}`` replaced, no shell, the message on stdin too.
 
     The process gets its own process group, killed as a whole on timeout.
@@ -1907,6 +1987,8 @@ def run_command(argv: list[str], message: str, env: dict, timeout: float, name: 
                                 env=env, cwd=cwd, start_new_session=True, close_fds=True)
     except OSError as e:
         raise AgentError(f"agent '{name}' could not start", f"{argv[0]}: {e.strerror}") from None
+    if guard:
+        guard.add(proc.pid)  # the process group: start_new_session makes it the child's pid
     try:
         out, err = _communicate(proc, message.encode(), deadline)
         code = proc.wait(max(0.001, deadline - time.monotonic()))
@@ -1922,6 +2004,8 @@ def run_command(argv: list[str], message: str, env: dict, timeout: float, name: 
         for pipe in (proc.stdout, proc.stderr):
             with contextlib.suppress(OSError):
                 pipe.close()
+        if guard:
+            guard.discard(proc.pid)
     stderr_tail = err.decode("utf-8", "replace").strip()
     if code != 0:
         how = f"signal {-code}" if code < 0 else f"status {code}"
@@ -1974,7 +2058,7 @@ def openai_messages(system: str | None, message: str, context: dict) -> list[dic
 
 
 def run_agent(agent: AgentConfig, message: str, context: dict, *, webhook: str, delivery_id: str,
-              timeout: float | None = None) -> str:
+              timeout: float | None = None, guard: ProcessGuard | None = None) -> str:
     """Run an agent and return its answer; raise AgentError (failure or timeout)."""
     timeout = min(timeout or agent.timeout, agent.timeout)
     cfg = agent.config
@@ -1985,7 +2069,7 @@ def run_agent(agent: AgentConfig, message: str, context: dict, *, webhook: str, 
         env.update(_resolve_values(cfg.get("env", {}), f"agent '{agent.name}' env"))
         env.update(MOXXY_AGENT=agent.name, MOXXY_WEBHOOK=webhook, MOXXY_DELIVERY_ID=delivery_id,
                    MOXXY_CONTEXT=json_dumps(context))
-        return run_command(cfg["argv"], message, env, timeout, agent.name, cfg.get("cwd"))
+        return run_command(cfg["argv"], message, env, timeout, agent.name, cfg.get("cwd"), guard)
     headers = _resolve_values(cfg.get("headers", {}), f"agent '{agent.name}' header")
     if agent.kind == "http":
         body = {"agent": agent.name, "message": message, "prompt": message, "context": context}
@@ -2665,6 +2749,8 @@ class DeliveryEngine:
         self._unsaved: dict = {}  # delivery id -> final fields whose commit failed, written again later
         self._unsaved_lock = threading.Lock()
         self._senders: dict = {"reply_to": self._reply_to_calls}  # reply kind -> args -> list of calls
+        self.processes = ProcessGuard()
+        self._in_flight: dict = {}  # delivery id -> record of a sync run not answered yet
         self.background = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, options.workers * 2),
                                                                 thread_name_prefix="background")
 
@@ -2686,13 +2772,26 @@ class DeliveryEngine:
         self._threads.append(t)
 
     def stop(self, grace: float) -> None:
-        """Stop taking jobs; running ones get ``grace`` seconds, the rest stay queued for the next start."""
+        """Stop taking jobs; running ones get ``grace`` seconds, the rest stay queued for the next start.
+
+        Past the grace, command agents still running are killed: an async job goes back to the queue,
+        a sync request is answered 503; every sync run still unanswered is recorded as failed.
+        """
         self.accepting = False
         if self.store:
             self.store.close()
         deadline = time.monotonic() + grace
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        killed = self.processes.kill_all()
+        if killed:
+            log.warning("stopping: killed %d agent(s) still running after the grace of %gs", killed, grace)
+        for t in self._threads:
+            t.join(2.0)  # a killed agent's worker puts its job back in the queue
+        for delivery_id, fields in list(self._in_flight.items()):
+            self.record(**fields, status="failed", error="the gateway stopped before the agent answered",
+                        finished_at=clock())
+        self.processes.close()
         self.background.shutdown(wait=False, cancel_futures=True)
         if self.store:
             self.store.stop()
@@ -2727,15 +2826,24 @@ class DeliveryEngine:
             raise Unavailable(f"webhook '{webhook}' is at its max_concurrency ({wh.max_concurrency})",
                               headers={"Retry-After": "5"})
         started = time.monotonic()
+        fields = dict(id=delivery_id, webhook=webhook, agent=agent.name, attempts=1, event=event, message=message,
+                      context=context)
+        self._in_flight[delivery_id] = fields
         try:
-            response = run_agent(agent, message, context, webhook=webhook, delivery_id=delivery_id, timeout=timeout)
+            response = run_agent(agent, message, context, webhook=webhook, delivery_id=delivery_id, timeout=timeout,
+                                 guard=self.processes)
         except AgentError as e:
-            self.record(id=delivery_id, webhook=webhook, agent=agent.name, status="failed", attempts=1, event=event,
-                        message=message, context=context, error=e.detail, finished_at=clock())
             self.metrics.delivery("failed", time.monotonic() - started)
+            if not self.accepting:  # killed past the grace of a stop: the sender should try again, elsewhere
+                self.record(**fields, status="failed", finished_at=clock(),
+                            error=f"the gateway stopped before the agent answered ({e.detail})")
+                raise Unavailable(f"the gateway stopped before agent '{agent.name}' answered: retry",
+                                  headers={"Retry-After": "5"}) from None
+            self.record(**fields, status="failed", error=e.detail, finished_at=clock())
             log.warning("delivery %s: agent %s failed: %s", delivery_id, agent.name, e.detail[-500:])
             raise e.as_http() from None
         finally:
+            self._in_flight.pop(delivery_id, None)
             if slot:
                 slot.release()
         self.metrics.delivery("succeeded", time.monotonic() - started)
@@ -2808,7 +2916,8 @@ class DeliveryEngine:
             agent = self.config().agents.get(row["agent"])
             if agent is None:
                 raise AgentError(f"unknown agent '{row['agent']}'")
-            response = run_agent(agent, row["message"] or "", context, webhook=row["webhook"], delivery_id=delivery_id)
+            response = run_agent(agent, row["message"] or "", context, webhook=row["webhook"], delivery_id=delivery_id,
+                                 guard=self.processes)
         except (AgentError, HTTPError) as e:
             error = getattr(e, "detail", None) or e.message
             if not self.accepting:  # stopping: leave it queued for the next start, not dead-lettered
@@ -4533,7 +4642,10 @@ def serve(state: CliState, **kw) -> None:
         deadline = time.monotonic() + options.grace
         while server.active() and time.monotonic() < deadline:
             time.sleep(0.05)
-        app.stop(max(0.0, deadline - time.monotonic()))
+        app.stop(max(0.0, deadline - time.monotonic()))  # past the grace: agents killed, sync requests get a 503
+        deadline = time.monotonic() + 2.0
+        while server.active() and time.monotonic() < deadline:
+            time.sleep(0.05)
         with contextlib.suppress(OSError):
             os.unlink(state.paths.server)
         log.info("stopped")

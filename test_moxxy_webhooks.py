@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import urllib.request
 import uuid
 
 import click
@@ -1908,6 +1909,49 @@ def test_command_agent_timeout_is_504_and_kills_the_process_group(gw, tmp_path):
     assert_error(result, 504, "agent_timeout", "hang")
     child_pid = int(pid_file.read_text())
     assert eventually(lambda: not process_running(child_pid)), f"grandchild {child_pid} outlived the timeout"
+
+
+# An agent that starts a grandchild in its process group, writes both pids to argv[1], and hangs.
+HANGING = ("import os, subprocess, sys, time\n"
+           "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+           "open(sys.argv[1] + '.tmp', 'w').write(f'{os.getpid()} {child.pid}')\n"
+           "os.replace(sys.argv[1] + '.tmp', sys.argv[1])\n"
+           "time.sleep(60)")
+
+
+def test_a_sync_request_still_running_past_the_grace_gets_a_503_and_a_record(gateway, tmp_path):
+    g = gateway(grace=0.2)
+    pid_file = tmp_path / "pids"
+    g.add_agent("hang", command_agent([PY, "-c", HANGING, str(pid_file)], timeout=60))
+    answers = queue.Queue()
+    threading.Thread(target=lambda: answers.put(g.generic({"agent": "hang", "message": "hi"})), daemon=True).start()
+    assert eventually(pid_file.exists)
+    g.close()  # as serve stops: the server waits its grace, then the engine kills what still runs
+    assert_error(answers.get(timeout=10), 503, "unavailable", "stopped before agent 'hang' answered")
+    assert all(eventually(lambda: not process_running(pid)) for pid in map(int, pid_file.read_text().split()))
+    [record] = mw.DeliveryLog(g.paths.db).list("generic")
+    assert record["status"] == "failed" and "the gateway stopped before the agent answered" in record["error"]
+
+
+def test_command_agents_do_not_outlive_a_gateway_killed_with_sigkill(tmp_path):
+    data, pid_file = str(tmp_path / "served"), tmp_path / "pids"
+    assert cli_at(data, "agent", "add", "hang", "--command", shlex.join([PY, "-c", HANGING, str(pid_file)]),
+                  "--generic").exit_code == 0
+    proc = subprocess.Popen([PY, MODULE, "--data-dir", data, "serve", "--port", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = next(m.group(1) for line in proc.stderr if (m := re.search(r"listening on (http://\S+)", line)))
+        secret = mw.open_backend(mw.Paths(data)).vault.get("webhook_secret")
+        request = urllib.request.Request(url + "/api/webhooks/generic", method="POST", headers={"X-Webhook-Secret": secret},
+                                         data=json.dumps({"agent": "hang", "message": "hi", "response_mode": "async"}).encode())
+        assert urllib.request.urlopen(request, timeout=10).status == 202
+        assert eventually(pid_file.exists)
+        pids = [int(p) for p in pid_file.read_text().split()]
+        assert all(process_running(pid) for pid in pids)
+    finally:
+        proc.kill()  # SIGKILL: no handler runs, nothing is cleaned up by the gateway itself
+        proc.wait(10)
+    assert all(eventually(lambda: not process_running(pid)) for pid in pids), "an agent outlived its gateway"
 
 
 def test_command_agent_without_generic_flag_is_403_on_generic(gw):
