@@ -1892,16 +1892,25 @@ def _communicate(proc: subprocess.Popen, data: bytes, deadline: float) -> tuple[
 
 
 # The watcher: reads "+PGID"/"-PGID" lines, and when its stdin closes (the gateway exited, even
-# killed with SIGKILL) kills every process group still registered. Its own session: a Ctrl-C in the
-# terminal reaches the gateway, which stops its agents itself, not the watcher.
+# killed with SIGKILL) kills every process group still registered, and the group of any process
+# whose environment carries this gateway's token (one spawned in the instant before it was
+# registered). Its own session: a Ctrl-C in the terminal reaches the gateway, not the watcher.
 _WATCHER = r"""
 import os, signal, sys
-groups = set()
+groups, mark = set(), b"\0MOXXY_AGENT_GUARD=" + sys.argv[1].encode() + b"\0"
 for line in sys.stdin.buffer:
     try:
         (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
     except ValueError:
         pass
+for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
+    try:
+        with open("/proc/%s/environ" % pid, "rb") as f:
+            if mark in b"\0" + f.read():
+                groups.add(os.getpgid(int(pid)))
+    except (OSError, ValueError):
+        pass
+groups.discard(os.getpgrp())
 for pgid in groups:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -1926,16 +1935,25 @@ class ProcessGuard:
         self._groups: set = set()
         self._watcher: subprocess.Popen | None = None
         self._broken = False
+        self.token = secrets.token_hex(8)  # in every agent's environment as MOXXY_AGENT_GUARD
+
+    def ready(self) -> str:
+        """Start the watcher if it is not running (before the first spawn); return the environment token."""
+        if self._watcher is None and not self._broken:
+            with self._lock:
+                self._tell("")
+        return self.token
 
     def _tell(self, line: str) -> None:
         if self._broken:
             return
         try:
             if self._watcher is None:
-                self._watcher = subprocess.Popen([sys.executable, "-I", "-S", "-c", _WATCHER], stdin=subprocess.PIPE,
-                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                                 start_new_session=True, close_fds=True)
-            os.write(self._watcher.stdin.fileno(), line.encode())
+                self._watcher = subprocess.Popen([sys.executable, "-I", "-S", "-c", _WATCHER, self.token],
+                                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                                 stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+            if line:
+                os.write(self._watcher.stdin.fileno(), line.encode())
         except OSError as e:  # the agents still run; only a crash of the gateway could leave them behind
             self._broken = True
             log.error("the agent watcher is not running (%s): after a crash, command agents could outlive the gateway", e)
@@ -1982,6 +2000,8 @@ def run_command(argv: list[str], message: str, env: dict, timeout: float, name: 
         raise AgentError(f"agent '{name}': the message ({len(message.encode())} bytes) is too long for one "
                          f"command-line argument (limit {MAX_ARG_BYTES - 1}); read it from stdin instead of {{message}}")
     deadline = time.monotonic() + timeout
+    if guard:
+        env["MOXXY_AGENT_GUARD"] = guard.ready()  # how the watcher finds an agent spawned just before a crash
     try:
         proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=env, cwd=cwd, start_new_session=True, close_fds=True)
