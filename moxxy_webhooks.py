@@ -2288,8 +2288,9 @@ class DeliveryStore:
         when ``timeout`` passes or the queue is closed."""
         raise NotImplementedError
 
-    def complete(self, delivery_id: str, fields: dict) -> None:
-        """Write a job's final status durably (raise Unavailable if that fails: the caller keeps it)."""
+    def complete(self, delivery_id: str, fields: dict, on_error: Callable[[str], None]) -> None:
+        """Write a job's final status (it may join a later commit); if it cannot be written, call
+        ``on_error`` with the reason (the caller keeps the status and writes it again)."""
         raise NotImplementedError
 
     def reschedule(self, delivery_id: str, error: str, due: float | None) -> None:
@@ -2386,14 +2387,18 @@ class DeliveryLog(DeliveryStore):
             self._thread.join(10)
             self._thread = None
 
-    def write(self, sql: str, params: Any = (), wait: bool = False) -> None:
-        """Queue one statement; with ``wait``, return once it is committed (raise if it failed)."""
+    def write(self, sql: str, params: Any = (), wait: bool = False,
+              on_error: Callable[[str], None] | None = None) -> None:
+        """Queue one statement; with ``wait``, return once it is committed (raise if it failed).
+
+        Without ``wait`` it joins the next group commit; ``on_error`` hears if that commit fails.
+        """
         if self._thread is None:  # not serving (CLI): write directly
             with self._read_lock:
                 self._reader.execute(sql, params)
             return
         done = threading.Event() if wait else None
-        op = [sql, params, done, None]
+        op = [sql, params, done, None, on_error]
         self._ops.put(op)
         if done:
             self._urgent.set()
@@ -2451,6 +2456,8 @@ class DeliveryLog(DeliveryStore):
                 op[3] = error
             if op[2]:
                 op[2].set()
+            elif op[3] and op[4]:
+                op[4](op[3])
             if op[0] is INSERT_DELIVERY:
                 self._unwritten.pop(op[1]["id"], None)
         with self._committed:
@@ -2495,9 +2502,11 @@ class DeliveryLog(DeliveryStore):
         self.write(INSERT_DELIVERY, row, wait=wait)
         return row
 
-    def update(self, delivery_id: str, wait: bool = False, **fields) -> None:
+    def update(self, delivery_id: str, wait: bool = False, on_error: Callable[[str], None] | None = None,
+               **fields) -> None:
         cols = ", ".join(f"{k} = :{k}" for k in fields)
-        self.write(f"UPDATE deliveries SET {cols} WHERE id = :id", {**fields, "id": delivery_id}, wait=wait)
+        self.write(f"UPDATE deliveries SET {cols} WHERE id = :id", {**fields, "id": delivery_id}, wait=wait,
+                   on_error=on_error)
 
     # the queue
     def enqueue(self, row: dict) -> None:
@@ -2526,8 +2535,8 @@ class DeliveryLog(DeliveryStore):
         self.update(delivery_id, status="running", attempts=row["attempts"])
         return row
 
-    def complete(self, delivery_id: str, fields: dict) -> None:
-        self.update(delivery_id, wait=True, **fields)
+    def complete(self, delivery_id: str, fields: dict, on_error: Callable[[str], None]) -> None:
+        self.update(delivery_id, on_error=on_error, **fields)
 
     def reschedule(self, delivery_id: str, error: str, due: float | None) -> None:
         self.update(delivery_id, status="queued", error=error, **({"next_attempt_at": due} if due else {}))
@@ -2952,36 +2961,39 @@ class DeliveryEngine:
             final = dict(status="succeeded", response=response, error=None, message=None, context=None,
                          finished_at=clock(), next_attempt_at=None)
         self.metrics.delivery(final["status"], time.monotonic() - started)
-        return self._finish(delivery_id, final, row["reply_to"])
-
-    def _finish(self, delivery_id: str, final: dict, reply_to: str | None) -> bool:
-        """Commit a job's final status; if that fails (a full disk), keep it and write it again later.
-
-        Without this the record would stay ``running`` and the job would run again at the next start.
-        """
-        try:
-            self.store.complete(delivery_id, final)
-        except HTTPError as e:
-            log.error("delivery %s: the final status (%s) is kept in memory and written again in %gs: %s",
-                      delivery_id, final["status"], self.options.retry_base, e.message)
-            with self._unsaved_lock:
-                self._unsaved[delivery_id] = (final, reply_to, clock() + self.options.retry_base)
-            return False
-        if reply_to:
-            record = public_delivery(self.store.get(delivery_id))
-            for target in json.loads(reply_to):
+        self._finish(dict(row), final)
+        if row["reply_to"]:
+            record = public_delivery({**row, **final})
+            for target in json.loads(row["reply_to"]):
                 self.send_later("reply_to", {"url": target["url"], "headers": target.get("headers", {}),
                                              "record": record}, delivery_id)
         return True
 
+    def _finish(self, row: dict, final: dict) -> None:
+        """Write a job's final status (it joins the next group commit: the worker does not wait).
+
+        If that write fails (a full disk), the status is kept in memory and written again after
+        ``--retry-base``; without this the record would stay ``running`` and the job would run
+        again at the next start.
+        """
+        def failed(error: str) -> None:
+            log.error("delivery %s: the final status (%s) is kept in memory and written again in %gs: %s",
+                      row["id"], final["status"], self.options.retry_base, error)
+            with self._unsaved_lock:
+                self._unsaved[row["id"]] = (row, final, clock() + self.options.retry_base)
+            with self._pending_lock:
+                self._pending += 1  # not finished until it is written
+
+        self.store.complete(row["id"], final, failed)
+
     def _write_unsaved(self) -> None:
         with self._unsaved_lock:
-            due = [(k, v) for k, v in self._unsaved.items() if v[2] <= clock()]
-            for k, _ in due:
-                del self._unsaved[k]
-        for delivery_id, (final, reply_to, _) in due:
-            if self._finish(delivery_id, final, reply_to):
-                self._done()
+            due = [v for v in self._unsaved.values() if v[2] <= clock()]
+            for row, _, _ in due:
+                del self._unsaved[row["id"]]
+        for row, final, _ in due:
+            self._done()
+            self._finish(row, final)
 
     # --- replies: outbound calls as durable work ---
 
