@@ -13,7 +13,9 @@ Sections (``grep -n '^# ===' moxxy_webhooks.py``), each using only those above i
     Transform         templates, JSONPath mapping, conditions, event names
     Model             webhook and agent configs, validated and compiled once per change; config changes
     Agents            echo, command, http, openai
-    Delivery log      the DeliveryStore interface; SQLite log and durable queue, group commit; backends
+    Delivery log      the DeliveryStore interface; SQLite log and durable queue, group commit
+    PostgreSQL        config, vault, queue, dedupe and replies shared by several gateways (optional)
+    Backends          the data directory or the database: the seam between storage and the rest
     Delivery engine   sync runs, async workers and retries, durable replies (reply_to, platform answers)
     Requests          Request and Response: what the application sees of HTTP
     Platforms         Telegram, Slack, Discord
@@ -2264,6 +2266,8 @@ class DeliveryStore:
     reply row those of its ``replies`` table. Rows come back as mappings.
     """
 
+    shared = False  # True when several gateways share the store (the queue bound is then global)
+
     def start(self) -> None:
         """Start background work (the writer); before it, writes go straight to storage (the CLI)."""
 
@@ -2347,6 +2351,10 @@ class DeliveryStore:
     def prune(self) -> None:
         """Drop finished deliveries and replies past the retention, and claims past the dedupe window."""
         raise NotImplementedError
+
+    def ping(self) -> str | None:
+        """None when storage answers, else why not (for /healthz and /readyz)."""
+        return None
 
 
 class DeliveryLog(DeliveryStore):
@@ -2646,21 +2654,544 @@ class DeliveryLog(DeliveryStore):
         return None
 
 
+# === PostgreSQL ===
+
+# Several gateways on one database (``--database-url``, the ``postgres`` extra: psycopg 3). The same
+# interfaces as the data directory: config and vault are documents with a version (optimistic
+# writes, NOTIFY on change, a poll as a backstop); the queue is claimed with FOR UPDATE SKIP LOCKED
+# under a lease that a heartbeat renews, every later write fenced by the claim's token; a reaper
+# puts expired leases back. The database's clock decides run times and leases.
+
+try:
+    import psycopg
+    import psycopg.rows
+    import psycopg.types.json
+except ImportError:  # only --database-url needs it
+    psycopg = None
+
+SCHEMA_VERSION = 1
+PG_SCHEMA = [  # index = version - 1: each entry upgrades from the previous version
+    """
+    CREATE TABLE moxxy_config (name text PRIMARY KEY, doc json NOT NULL, version bigint NOT NULL);
+    CREATE TABLE moxxy_deliveries (
+        id text PRIMARY KEY, webhook text NOT NULL, agent text NOT NULL, status text NOT NULL,
+        attempts integer NOT NULL DEFAULT 0, max_attempts integer NOT NULL DEFAULT 1, event text, message text,
+        context text, response text, error text, reply_to text, created_at double precision NOT NULL,
+        finished_at double precision, next_attempt_at double precision,
+        run_at timestamptz NOT NULL DEFAULT now(), lease_until timestamptz, token text);
+    CREATE INDEX moxxy_deliveries_due ON moxxy_deliveries (run_at) WHERE status = 'queued';
+    CREATE INDEX moxxy_deliveries_leases ON moxxy_deliveries (lease_until) WHERE status = 'running';
+    CREATE INDEX moxxy_deliveries_webhook ON moxxy_deliveries (webhook, created_at);
+    CREATE INDEX moxxy_deliveries_created ON moxxy_deliveries (created_at);
+    CREATE TABLE moxxy_seen (webhook text NOT NULL, key text NOT NULL, delivery_id text NOT NULL,
+                             seen_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (webhook, key));
+    CREATE TABLE moxxy_replies (
+        id text PRIMARY KEY, delivery_id text, kind text NOT NULL, args text NOT NULL, status text NOT NULL,
+        sent integer NOT NULL DEFAULT 0, attempts integer NOT NULL DEFAULT 0, error text,
+        created_at double precision NOT NULL, next_attempt_at double precision,
+        run_at timestamptz NOT NULL DEFAULT now(), lease_until timestamptz, token text);
+    CREATE INDEX moxxy_replies_due ON moxxy_replies (run_at) WHERE status = 'queued';
+    """,
+]
+DELIVERY_COLUMNS = ("id", "webhook", "agent", "status", "attempts", "max_attempts", "event", "message", "context",
+                    "response", "error", "reply_to", "created_at", "finished_at", "next_attempt_at")
+REPLY_COLUMNS = ("id", "delivery_id", "kind", "args", "status", "sent", "attempts", "error", "created_at",
+                 "next_attempt_at")
+
+
+def _pg_required() -> None:
+    if psycopg is None:
+        raise click.ClickException("--database-url needs psycopg: pip install 'moxxy-webhooks[postgres]'")
+
+
+def _pg_unavailable(e: Exception) -> Unavailable:
+    log.error("database: %s: %s", e.__class__.__name__, str(e).strip()[:300])
+    return Unavailable("the database is unreachable or failing (see the server log); nothing was changed: retry",
+                       headers={"Retry-After": "5"})
+
+
+def pg_schema_version(url: str) -> int | None:
+    """The schema version of the database (None: no moxxy-webhooks schema yet)."""
+    _pg_required()
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        if conn.execute("SELECT to_regclass('moxxy_schema')").fetchone()[0] is None:
+            return None
+        return conn.execute("SELECT max(version) FROM moxxy_schema").fetchone()[0]
+
+
+def pg_migrate(url: str) -> tuple[int | None, int]:
+    """Create or upgrade the schema (idempotent; one transaction, under a lock); return (before, after)."""
+    _pg_required()
+    with psycopg.connect(url, connect_timeout=10) as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(7689001)")  # two boxes migrating at once take turns
+        conn.execute("CREATE TABLE IF NOT EXISTS moxxy_schema (version integer NOT NULL, "
+                     "applied_at timestamptz NOT NULL DEFAULT now())")
+        before = conn.execute("SELECT max(version) FROM moxxy_schema").fetchone()[0]
+        if before is not None and before > SCHEMA_VERSION:
+            raise click.ClickException(f"the database's schema is version {before}, newer than this moxxy-webhooks "
+                                       f"knows ({SCHEMA_VERSION}): upgrade moxxy-webhooks")
+        for version in range((before or 0) + 1, SCHEMA_VERSION + 1):
+            conn.execute(PG_SCHEMA[version - 1])
+            conn.execute("INSERT INTO moxxy_schema (version) VALUES (%s)", (version,))
+        conn.commit()
+    return before, SCHEMA_VERSION
+
+
+class PgPool:
+    """A few autocommit connections to share between threads; a broken one is dropped, not reused."""
+
+    def __init__(self, url: str, size: int = 16):
+        self.url = url
+        self._idle: list = []
+        self._slots = threading.BoundedSemaphore(size)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def connection(self):
+        """A connection for one unit of work; any database error becomes a 503 (Unavailable)."""
+        if not self._slots.acquire(timeout=10):
+            raise Unavailable("every database connection is busy: retry", headers={"Retry-After": "1"})
+        conn = None
+        try:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None or conn.closed:
+                conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5, row_factory=psycopg.rows.dict_row)
+            yield conn
+            with self._lock:
+                self._idle.append(conn)
+            conn = None
+        except psycopg.Error as e:
+            raise _pg_unavailable(e) from None
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            self._slots.release()
+
+    def execute(self, sql: str, params: Any = ()) -> list[dict]:
+        with self.connection() as conn:
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._idle:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            self._idle.clear()
+
+
+class PgConfigStore(ConfigStore):
+    """A config document (``config``: webhooks and agents; ``vault``) in table ``moxxy_config``.
+
+    Writes re-read the document, apply the change and write it only if its version is still the one
+    read (else they start again): concurrent writers on any box never lose each other's change.
+    Serving, the compiled document is cached and refreshed on NOTIFY or the poll (``refresh``).
+    """
+
+    def __init__(self, pool: PgPool, name: str, default: Callable[[], dict], compile: Callable[[dict], Any]):
+        self.pool, self.name, self.default, self.compile = pool, name, default, compile
+        self.cached = False  # serving: current() answers from the cache that refresh() keeps
+        self._value: Any = None
+        self._version: int | None = None
+        self._failed_version: int | None = None
+        self._lock = threading.Lock()
+
+    def _read(self) -> tuple[dict, int]:
+        rows = self.pool.execute("SELECT doc, version FROM moxxy_config WHERE name = %s", (self.name,))
+        return (rows[0]["doc"], rows[0]["version"]) if rows else (self.default(), 0)
+
+    def read_raw(self) -> dict:
+        return self._read()[0]
+
+    def _compile(self, doc: dict) -> Any:
+        try:
+            return self.compile(doc)
+        except ConfigError as e:
+            raise DataFileError(f"database {self.name}", e.message) from None
+
+    def refresh(self, strict: bool = False) -> bool:
+        """Load the document if its version changed; return whether it did."""
+        with self._lock:
+            doc, version = self._read()
+            if version == self._version:
+                return False
+            try:
+                value = self._compile(doc)
+            except DataFileError as e:
+                if strict or self._version is None:
+                    raise
+                if version != self._failed_version:
+                    log.error("reload failed, keeping the last good version: %s", e)
+                    self._failed_version = version
+                return False
+            self._value, self._version = value, version
+            return True
+
+    def version(self) -> int | None:
+        return self._version
+
+    def current(self, strict: bool = False) -> Any:
+        if not self.cached or self._version is None:
+            self.refresh(strict=strict or not self.cached)
+        return self._value
+
+    def force_reload(self) -> None:
+        with self._lock:
+            self._version = -1 if self._version is not None else None
+
+    def update(self, change: Callable[[dict], Any]) -> Any:
+        for _ in range(50):
+            doc, version = self._read()
+            self._compile(doc)  # already invalid: refuse before changing anything
+            result = change(doc)
+            self.compile(doc)
+            with self.pool.connection() as conn:
+                if version == 0:
+                    cur = conn.execute("INSERT INTO moxxy_config (name, doc, version) VALUES (%s, %s, 1) "
+                                       "ON CONFLICT (name) DO NOTHING", (self.name, psycopg.types.json.Json(doc)))
+                else:
+                    cur = conn.execute("UPDATE moxxy_config SET doc = %s, version = version + 1 "
+                                       "WHERE name = %s AND version = %s",
+                                       (psycopg.types.json.Json(doc), self.name, version))
+                if cur.rowcount == 1:
+                    conn.execute("SELECT pg_notify('moxxy', %s)", (f"config:{self.name}",))
+                    break
+            # another writer changed it since we read it: read again and apply the change to theirs
+        else:
+            raise Unavailable(f"database {self.name} is changing too fast to write: retry", headers={"Retry-After": "1"})
+        if self.cached:
+            self.refresh()
+        return result
+
+
+class PgDeliveryStore(DeliveryStore):
+    """The queue, log, dedupe memory and replies of every gateway on one PostgreSQL database."""
+
+    shared = True
+
+    def __init__(self, pool: PgPool, retention: float, lease: float, on_config: Callable[[str], None]):
+        self.pool, self.retention, self.lease = pool, retention, lease
+        self.on_config = on_config  # a config document changed (NOTIFY or poll)
+        self._claims: dict = {}  # delivery id -> token of this instance's running jobs
+        self._reply_claims: dict = {}
+        self._claims_lock = threading.Lock()
+        self._wake = threading.Condition()
+        self._wakes = 0
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+        self.failing: str | None = None  # why the database is failing, for /healthz and /readyz
+
+    # lifecycle: one thread listens (NOTIFY), one keeps leases, reaps and polls
+    def start(self) -> None:
+        for target, name in ((self._listen, "pg-listen"), (self._maintain, "pg-maintain")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self.close()
+        for t in self._threads:
+            t.join(5)
+        self._threads = []
+        with self._claims_lock:
+            claims, self._claims = self._claims, {}
+        for delivery_id, token in claims.items():  # unfinished here: free them for another instance now
+            with contextlib.suppress(HTTPError):
+                self._fenced(delivery_id, token, "status = 'queued', run_at = now()")
+        self.pool.close()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+
+    def _notified(self) -> None:
+        with self._wake:
+            self._wakes += 1
+            self._wake.notify_all()
+
+    def _listen(self) -> None:
+        delay = 0.5
+        while not self._closed:
+            try:
+                with psycopg.connect(self.pool.url, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute("LISTEN moxxy")
+                    delay = 0.5
+                    self._notified()  # whatever was sent while we were not listening
+                    self.on_config("*")
+                    while not self._closed:
+                        for note in conn.notifies(timeout=1.0, stop_after=64):
+                            if note.payload.startswith("config:"):
+                                self.on_config(note.payload[7:])
+                            else:
+                                self._notified()
+            except psycopg.Error as e:
+                if not self._closed:
+                    log.warning("database: LISTEN connection lost (%s); reconnecting in %gs", str(e).strip()[:200], delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+
+    def _maintain(self) -> None:
+        """Heartbeats of this instance's leases, the reaper, the config poll, pruning."""
+        interval = max(0.05, min(1.0, self.lease / 6))
+        last_reap = last_prune = 0.0
+        while not self._closed:
+            try:
+                self._heartbeat()
+                if time.monotonic() - last_reap > min(5.0, self.lease / 2):
+                    last_reap = time.monotonic()
+                    self._reap()
+                if time.monotonic() - last_prune > 3600:
+                    last_prune = time.monotonic()
+                    self.prune()
+                self.on_config("*")  # the backstop of NOTIFY: a poll of the versions
+                self.failing = None
+            except HTTPError:
+                self.failing = "the database is unreachable or failing"
+            with self._wake:
+                self._wake.wait(interval)
+
+    def _heartbeat(self) -> None:
+        with self._claims_lock:
+            jobs, replies = list(self._claims.items()), list(self._reply_claims.items())
+        for table, claims in (("moxxy_deliveries", jobs), ("moxxy_replies", replies)):
+            if claims:
+                self.pool.execute(f"UPDATE {table} SET lease_until = now() + make_interval(secs => %s) "
+                                  "WHERE status = 'running' AND (id, token) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                                  (self.lease, [c[0] for c in claims], [c[1] for c in claims]))
+
+    def _reap(self) -> None:
+        """Put expired leases back in the queue (or fail them when out of attempts); idempotent on every box."""
+        rows = self.pool.execute(
+            "UPDATE moxxy_deliveries SET token = NULL, lease_until = NULL, run_at = now(), "
+            "status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END, "
+            "finished_at = CASE WHEN attempts >= max_attempts THEN extract(epoch FROM now()) END, "
+            "error = concat_ws('; ', error, 'the lease expired (the gateway running it stopped or died)') "
+            "WHERE status = 'running' AND lease_until < now() RETURNING id, status")
+        self.pool.execute("UPDATE moxxy_replies SET token = NULL, lease_until = NULL, status = 'queued', run_at = now() "
+                          "WHERE status = 'running' AND lease_until < now()")
+        if rows:
+            log.warning("database: %d expired lease(s) reclaimed: %s", len(rows),
+                        ", ".join(f"{r['id']} -> {r['status']}" for r in rows[:10]))
+            self.pool.execute("SELECT pg_notify('moxxy', 'jobs')")
+
+    def ping(self) -> str | None:
+        try:
+            self.pool.execute("SELECT 1")
+            return None
+        except HTTPError:
+            return "the database is unreachable or failing"
+
+    # the queue
+    def enqueue(self, row: dict) -> None:
+        with self.pool.connection() as conn, conn.transaction():
+            conn.execute(f"INSERT INTO moxxy_deliveries ({', '.join(DELIVERY_COLUMNS)}) "
+                         f"VALUES ({', '.join(['%s'] * len(DELIVERY_COLUMNS))})", [_pg_text(row[c]) for c in DELIVERY_COLUMNS])
+            conn.execute("SELECT pg_notify('moxxy', 'jobs')")  # delivered at commit
+
+    def record(self, row: dict) -> None:
+        cols = ", ".join(DELIVERY_COLUMNS)
+        self.pool.execute(f"INSERT INTO moxxy_deliveries ({cols}) VALUES ({', '.join(['%s'] * len(DELIVERY_COLUMNS))}) "
+                          f"ON CONFLICT (id) DO UPDATE SET ({cols}) = ROW({', '.join('EXCLUDED.' + c for c in DELIVERY_COLUMNS)})",
+                          [_pg_text(row[c]) for c in DELIVERY_COLUMNS])
+
+    def recover(self) -> int:
+        return self.depth()  # other instances' running jobs are the reaper's, after their lease
+
+    def _wait(self, seen: int, timeout: float) -> None:
+        with self._wake:
+            self._wake.wait_for(lambda: self._wakes != seen or self._closed, timeout)
+
+    def _claim_next(self, table: str, claims: dict) -> dict | None:
+        token = secrets.token_hex(16)
+        attempts = ", attempts = attempts + 1" if table == "moxxy_deliveries" else ""
+        rows = self.pool.execute(
+            f"UPDATE {table} SET status = 'running', token = %s, lease_until = now() + make_interval(secs => %s){attempts} "
+            f"WHERE id = (SELECT id FROM {table} WHERE status = 'queued' AND run_at <= now() "
+            "ORDER BY run_at LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING *", (token, self.lease))
+        if not rows:
+            return None
+        with self._claims_lock:
+            claims[rows[0]["id"]] = token
+        return rows[0]
+
+    def _next(self, table: str, claims: dict, timeout: float) -> dict | None:
+        end = time.monotonic() + timeout
+        while not self._closed:
+            with self._wake:
+                seen = self._wakes
+            try:
+                row = self._claim_next(table, claims)
+            except HTTPError:
+                row = None  # the database is down: wait, and try again
+            if row is not None:
+                return row
+            left = end - time.monotonic()
+            if left <= 0:
+                return None
+            self._wait(seen, min(left, 2.0))  # NOTIFY wakes us; a poll every 2 s is the backstop
+        return None
+
+    def next_job(self, timeout: float) -> Any:
+        return self._next("moxxy_deliveries", self._claims, timeout)
+
+    def _fenced(self, delivery_id: str, token: str | None, assignments: str, params: tuple = (),
+                table: str = "moxxy_deliveries") -> bool:
+        """An update of a claimed row that only holds while our claim does; False if the lease was lost."""
+        rows = self.pool.execute(f"UPDATE {table} SET {assignments}, token = NULL, lease_until = NULL "
+                                 "WHERE id = %s AND status = 'running' AND token = %s RETURNING id",
+                                 (*params, delivery_id, token))
+        if not rows:
+            log.warning("%s %s: the lease was lost (another gateway took it over); this result is dropped",
+                        "delivery" if table == "moxxy_deliveries" else "reply", delivery_id)
+        return bool(rows)
+
+    def _release(self, delivery_id: str) -> str | None:
+        with self._claims_lock:
+            return self._claims.pop(delivery_id, None)
+
+    def complete(self, delivery_id: str, fields: dict, on_error: Callable[[str], None]) -> None:
+        token = self._release(delivery_id)
+        try:
+            self._fenced(delivery_id, token, ", ".join(f"{k} = %s" for k in fields),
+                         tuple(_pg_text(v) for v in fields.values()))
+        except HTTPError as e:
+            with self._claims_lock:
+                self._claims[delivery_id] = token  # keep the lease alive while the status waits to be written
+            on_error(e.message)
+
+    def reschedule(self, delivery_id: str, error: str, due: float | None) -> None:
+        delay = max(0.0, due - clock()) if due else 0.0
+        self._fenced(delivery_id, self._release(delivery_id),
+                     "status = 'queued', error = %s, next_attempt_at = %s, run_at = now() + make_interval(secs => %s)",
+                     (error, due, delay))
+
+    def requeue(self, delivery_id: str, max_attempts: int) -> None:
+        with self.pool.connection() as conn, conn.transaction():
+            conn.execute("UPDATE moxxy_deliveries SET status = 'queued', attempts = 0, finished_at = NULL, "
+                         "next_attempt_at = NULL, max_attempts = %s, run_at = now() WHERE id = %s",
+                         (max_attempts, delivery_id))
+            conn.execute("SELECT pg_notify('moxxy', 'jobs')")
+
+    def depth(self) -> int:
+        return self.pool.execute("SELECT count(*) AS n FROM moxxy_deliveries WHERE status = 'queued'")[0]["n"]
+
+    # dedupe: an upsert that takes over only an expired entry or one whose delivery failed
+    def claim(self, webhook: str, key: str, delivery_id: str) -> Any:
+        rows = self.pool.execute(
+            "INSERT INTO moxxy_seen AS s (webhook, key, delivery_id) VALUES (%s, %s, %s) "
+            "ON CONFLICT (webhook, key) DO UPDATE SET delivery_id = EXCLUDED.delivery_id, seen_at = now() "
+            "WHERE s.seen_at < now() - make_interval(secs => %s) OR EXISTS "
+            "(SELECT 1 FROM moxxy_deliveries d WHERE d.id = s.delivery_id AND d.status = 'failed') "
+            "RETURNING delivery_id", (webhook, key, delivery_id, DEDUPE_WINDOW))
+        if rows:
+            return None
+        earlier = self.pool.execute("SELECT delivery_id FROM moxxy_seen WHERE webhook = %s AND key = %s", (webhook, key))
+        earlier_id = earlier[0]["delivery_id"] if earlier else delivery_id
+        return self.get(earlier_id) or {"id": earlier_id, "status": "running", "response": None}
+
+    def release(self, webhook: str, key: str, delivery_id: str) -> None:
+        self.pool.execute("DELETE FROM moxxy_seen WHERE webhook = %s AND key = %s AND delivery_id = %s",
+                          (webhook, key, delivery_id))
+
+    # reading
+    def get(self, delivery_id: str) -> Any:
+        rows = self.pool.execute("SELECT * FROM moxxy_deliveries WHERE id = %s", (delivery_id,))
+        return rows[0] if rows else None
+
+    def list(self, webhook: str | None = None, status: str | None = None, limit: int = 50) -> list[dict]:
+        rows = self.pool.execute("SELECT * FROM moxxy_deliveries WHERE (%(w)s::text IS NULL OR webhook = %(w)s) "
+                                 "AND (%(s)s::text IS NULL OR status = %(s)s) ORDER BY created_at DESC LIMIT %(n)s",
+                                 {"w": webhook or None, "s": status or None, "n": max(1, min(limit, 1000))})
+        return [public_delivery(r) for r in rows]
+
+    def wait(self, delivery_id: str, timeout: float) -> Any:
+        deadline, pause = time.monotonic() + timeout, 0.02
+        while True:
+            row = self.get(delivery_id)
+            if row is None or row["status"] in FINISHED or time.monotonic() >= deadline:
+                return row
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))  # a poll: any instance may finish it
+            pause = min(pause * 2, 0.25)
+
+    # replies
+    def add_reply(self, row: dict) -> None:
+        with self.pool.connection() as conn, conn.transaction():
+            conn.execute(f"INSERT INTO moxxy_replies ({', '.join(REPLY_COLUMNS)}) "
+                         f"VALUES ({', '.join(['%s'] * len(REPLY_COLUMNS))})", [_pg_text(row[c]) for c in REPLY_COLUMNS])
+            conn.execute("SELECT pg_notify('moxxy', 'replies')")
+
+    def next_reply(self, timeout: float) -> Any:
+        row = self._next("moxxy_replies", self._reply_claims, timeout)
+        return {c: row[c] for c in REPLY_COLUMNS} if row else None
+
+    def reply_progress(self, row: dict) -> None:
+        with self._claims_lock:
+            token = self._reply_claims.pop(row["id"], None)
+        delay = max(0.0, (row["next_attempt_at"] or 0.0) - clock())
+        self._fenced(row["id"], token, "status = %s, sent = %s, attempts = %s, error = %s, next_attempt_at = %s, "
+                     "run_at = now() + make_interval(secs => %s)",
+                     (row["status"], row["sent"], row["attempts"], row["error"], row["next_attempt_at"], delay),
+                     table="moxxy_replies")
+
+    def import_rows(self, deliveries: list, seen: list, replies: list) -> tuple[int, int]:
+        """Copy a data directory's unfinished deliveries, seen ids and replies (``import``); return counts."""
+        with self.pool.connection() as conn, conn.transaction():
+            for row in deliveries:
+                values = dict(row, status="queued")
+                conn.execute(f"INSERT INTO moxxy_deliveries ({', '.join(DELIVERY_COLUMNS)}) VALUES "
+                             f"({', '.join(['%s'] * len(DELIVERY_COLUMNS))}) ON CONFLICT (id) DO NOTHING",
+                             [_pg_text(values[c]) for c in DELIVERY_COLUMNS])
+            for row in seen:
+                conn.execute("INSERT INTO moxxy_seen (webhook, key, delivery_id, seen_at) VALUES "
+                             "(%s, %s, %s, to_timestamp(%s)) ON CONFLICT DO NOTHING",
+                             (row["webhook"], row["key"], row["delivery_id"], row["seen_at"]))
+            for row in replies:
+                conn.execute(f"INSERT INTO moxxy_replies ({', '.join(REPLY_COLUMNS)}) VALUES "
+                             f"({', '.join(['%s'] * len(REPLY_COLUMNS))}) ON CONFLICT (id) DO NOTHING",
+                             [_pg_text(row[c]) for c in REPLY_COLUMNS])
+            conn.execute("SELECT pg_notify('moxxy', 'jobs')")
+        return len(deliveries), len(seen)
+
+    def prune(self) -> None:
+        cutoff = clock() - self.retention
+        self.pool.execute("DELETE FROM moxxy_deliveries WHERE created_at < %s AND status NOT IN ('queued', 'running')",
+                          (cutoff,))
+        self.pool.execute("DELETE FROM moxxy_replies WHERE created_at < %s AND status NOT IN ('queued', 'running')",
+                          (cutoff,))
+        self.pool.execute("DELETE FROM moxxy_seen WHERE seen_at < now() - make_interval(secs => %s)", (DEDUPE_WINDOW,))
+
+
+def _pg_text(value: Any) -> Any:
+    """A value PostgreSQL can store as text: NUL characters and lone surrogates replaced."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd").encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return value
+
+
+# === Backends ===
+
+
 @dataclasses.dataclass
 class Backend:
-    """Where a gateway keeps its state: the seam a second storage backend plugs into.
+    """Where a gateway keeps its state: the seam between storage and everything above it.
 
     The application, the platforms and the CLI reach storage only through these.
     """
 
     config: ConfigStore  # webhooks and agents, compiled by compile_config
     vault: Vault
-    open_deliveries: Callable[[float], DeliveryStore]  # retention (seconds) -> the delivery store
-    prepare: Callable[[], None]  # create what a fresh store needs (before serving)
+    open_deliveries: Callable[[Any], DeliveryStore]  # Options (retention, lease) -> the delivery store
+    prepare: Callable[[], None]  # check and create what serving needs (before serving)
+    where: str  # for people: the data directory, or the database (without its password)
 
 
-def open_backend(paths: Paths) -> Backend:
-    """The data directory: ``webhooks.json``, ``vault.json`` and ``deliveries.db`` (the first backend)."""
+def open_backend(paths: Paths, database_url: str | None = None) -> Backend:
+    """The data directory (``webhooks.json``, ``vault.json``, ``deliveries.db``), or PostgreSQL."""
+    if database_url:
+        return _pg_backend(database_url)
     config = JsonFile(paths.webhooks, empty_config, compile_config)
 
     def prepare() -> None:
@@ -2669,7 +3200,38 @@ def open_backend(paths: Paths) -> Backend:
             config.update(lambda doc: None)
 
     return Backend(config, Vault(JsonFile(paths.vault, dict, _compile_vault)),
-                   lambda retention: DeliveryLog(paths.db, retention), prepare)
+                   lambda options: DeliveryLog(paths.db, options.retention), prepare, paths.root)
+
+
+def _pg_backend(url: str) -> Backend:
+    _pg_required()
+    pool = PgPool(url)
+    config = PgConfigStore(pool, "config", empty_config, compile_config)
+    vault_doc = PgConfigStore(pool, "vault", dict, _compile_vault)
+    parts = urllib.parse.urlsplit(url)
+    where = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])) if "://" in url else "database"
+
+    def refresh(name: str) -> None:
+        for store in (config, vault_doc):
+            if name in ("*", store.name):
+                with contextlib.suppress(HTTPError, DataFileError):
+                    store.refresh()
+
+    def prepare() -> None:
+        try:
+            version = pg_schema_version(url)
+        except psycopg.Error as e:
+            raise Unavailable(f"cannot reach the database at {where}: {str(e).strip()[:200]}") from None
+        if version != SCHEMA_VERSION:
+            found = "no moxxy-webhooks schema" if version is None else f"schema version {version}"
+            raise Unavailable(f"the database at {where} has {found}; this moxxy-webhooks needs version "
+                              f"{SCHEMA_VERSION}: run 'moxxy-webhooks --database-url ... migrate'")
+        config.cached = vault_doc.cached = True  # serving: answer from memory, refreshed on NOTIFY and the poll
+
+    def open_deliveries(options) -> DeliveryStore:
+        return PgDeliveryStore(pool, options.retention, options.lease, refresh)
+
+    return Backend(config, Vault(vault_doc), open_deliveries, prepare, where)
 
 
 # === Delivery engine ===
@@ -2700,6 +3262,7 @@ class Options:
     metrics_admin: bool = False
     tls_cert: str | None = None
     tls_key: str | None = None
+    lease: float = 60.0  # PostgreSQL: how long a claimed job is held without a heartbeat
 
 
 def backoff_delay(attempt: int, base: float) -> float:
@@ -2786,7 +3349,7 @@ class DeliveryEngine:
     def start(self) -> int:
         """Open the store, recover what an earlier run left unfinished, start the workers and senders;
         return the jobs recovered."""
-        self.store = self._open_store(self.options.retention)
+        self.store = self._open_store(self.options)
         self.store.start()
         self._pending = recovered = self.store.recover()
         for i in range(self.options.workers):
@@ -2881,8 +3444,11 @@ class DeliveryEngine:
         return response
 
     def record(self, **fields) -> None:
-        """Record a delivery that is already finished (sync, filtered)."""
-        self.store.record(delivery_row(**fields))
+        """Record a delivery that is already finished (sync, filtered); the caller has its answer either way."""
+        try:
+            self.store.record(delivery_row(**fields))
+        except HTTPError as e:
+            log.error("delivery %s: its record could not be written: %s", fields.get("id"), e.message)
 
     # --- async ---
 
@@ -2891,8 +3457,9 @@ class DeliveryEngine:
         """Store an async job durably, then queue it; 503 when the queue is full or the server stops."""
         if not self.accepting:
             raise Unavailable("the server is shutting down", headers={"Retry-After": "5"})
+        shared_depth = self.store.depth() if self.store.shared else 0  # several gateways: the bound is global
         with self._pending_lock:
-            if self._pending >= self.options.queue_size:
+            if max(shared_depth, self._pending) >= self.options.queue_size:
                 raise Unavailable(f"the delivery queue is full ({self.options.queue_size} jobs)", headers={"Retry-After": "5"})
             self._pending += 1
         try:
@@ -3646,6 +4213,7 @@ class App:
         p = self.platforms
         rows = [
             ("GET", r"/healthz", self.healthz, "public"),
+            ("GET", r"/readyz", self.readyz, "public"),
             ("GET", r"/metrics", self.metrics_text, "admin" if self.options.metrics_admin else "public"),
             ("GET", r"/api/openapi.json", self.openapi, "public"),
             ("POST", r"/api/webhooks/generic", self.generic, "generic"),
@@ -3842,8 +4410,19 @@ class App:
     # --- public routes ---
 
     def healthz(self, req: Request) -> Response:
-        """Liveness: always ok while the process answers."""
-        return Response.json(200, {"status": "ok"})
+        """Liveness: ok while the process answers (with the database's state when there is one)."""
+        if not (self.deliveries and self.deliveries.shared):
+            return Response.json(200, {"status": "ok"})
+        failing = self.deliveries.ping()
+        return Response.json(200, {"status": "ok", "database": "failing" if failing else "ok",
+                                   **({"error": failing} if failing else {})})
+
+    def readyz(self, req: Request) -> Response:
+        """Readiness for a load balancer: 503 while stopping or while storage does not answer."""
+        why = "stopping" if not self.engine.accepting else (self.deliveries.ping() if self.deliveries else "starting")
+        if why:
+            return Response.json(503, {"ready": False, "reason": why}, {"Retry-After": "5"})
+        return Response.json(200, {"ready": True})
 
     def metrics_text(self, req: Request) -> Response:
         """Prometheus metrics: requests, deliveries, queue depth, agent latency."""
@@ -4518,11 +5097,12 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 class CliState:
-    """What every command receives: the data directory and its files."""
+    """What every command receives: the data directory (or the database) and its stores."""
 
-    def __init__(self, data_dir: str | None):
+    def __init__(self, data_dir: str | None, database_url: str | None = None):
         self.paths = Paths.resolve(data_dir)
-        self.backend = open_backend(self.paths)
+        self.database_url = database_url
+        self.backend = open_backend(self.paths, database_url)
         self.store = self.backend.config
         self.vault = self.backend.vault
 
@@ -4530,7 +5110,8 @@ class CliState:
         return self.store.current(strict=True)
 
     def writable(self) -> "CliState":
-        self.paths.ensure()
+        if not self.database_url:
+            self.paths.ensure()
         return self
 
 
@@ -4563,11 +5144,14 @@ pass_state = click.make_pass_decorator(CliState)
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data-dir", envvar="MOXXY_WEBHOOKS_HOME", type=click.Path(file_okay=False),
               help="Data directory [env MOXXY_WEBHOOKS_HOME; default ~/.moxxy-webhooks].")
+@click.option("--database-url", envvar="MOXXY_WEBHOOKS_DATABASE_URL", metavar="URL",
+              help="PostgreSQL (postgresql://...) shared by several gateways, instead of the data directory's "
+                   "files; needs the postgres extra [env MOXXY_WEBHOOKS_DATABASE_URL].")
 @click.version_option(__version__, prog_name="moxxy-webhooks")
 @click.pass_context
-def cli(ctx: click.Context, data_dir: str | None) -> None:
+def cli(ctx: click.Context, data_dir: str | None, database_url: str | None) -> None:
     """A self-hosted webhook gateway that hands HTTP events to agents."""
-    ctx.obj = CliState(data_dir)
+    ctx.obj = CliState(data_dir, database_url)
 
 
 def _configure_logging(level: str, fmt: str, log_file: str | None) -> None:
@@ -4614,6 +5198,8 @@ def _configure_logging(level: str, fmt: str, log_file: str | None) -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 @click.option("--log-bodies", is_flag=True, help="Log request bodies (first 4 KiB); off by default.")
 @click.option("--metrics-admin", is_flag=True, help="Require the admin token for /metrics.")
+@click.option("--lease", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              help="PostgreSQL: seconds a claimed job is held without a heartbeat before another gateway takes it.")
 @pass_state
 def serve(state: CliState, **kw) -> None:
     """Run the gateway."""
@@ -4633,7 +5219,8 @@ def serve(state: CliState, **kw) -> None:
                       max_connections_per_client=kw["max_connections_per_client"], rate_limit=kw["rate_limit"],
                       trusted_proxies=proxies,
                       allow_api_exec=kw["allow_api_exec"], log_bodies=kw["log_bodies"],
-                      metrics_admin=kw["metrics_admin"], tls_cert=kw["tls_cert"], tls_key=kw["tls_key"])
+                      metrics_admin=kw["metrics_admin"], tls_cert=kw["tls_cert"], tls_key=kw["tls_key"],
+                      lease=kw["lease"])
     app = App(state.paths, options, state.backend)
     with _errors():
         made = app.start()
@@ -4653,9 +5240,19 @@ def serve(state: CliState, **kw) -> None:
         if state.vault.get("discord_public_key") and not ed25519_available():
             log.warning("discord_public_key is set but cryptography is not installed: "
                         "/api/webhooks/discord answers 503 until you install moxxy-webhooks[discord]")
+    if state.database_url:
+        slow = sorted(a.name for a in app.store.current().agents.values() if a.timeout >= options.lease)
+        if slow:
+            log.warning("agents %s may run longer than --lease (%gs): a heartbeat keeps their lease, but if this "
+                        "gateway stalls, another one may run the job too", ", ".join(slow), options.lease)
+    else:
+        fs = network_filesystem(state.paths.root)
+        if fs:
+            log.warning("the data directory %s is on a network filesystem (%s): SQLite's locking and WAL do not "
+                        "work there; use a local disk, or PostgreSQL (--database-url) for several boxes", state.paths.root, fs)
     with contextlib.suppress(OSError):
         atomic_write(state.paths.server, json.dumps({"url": server.url, "pid": os.getpid()}).encode())
-    click.echo(f"moxxy-webhooks {__version__} listening on {server.url} (data: {state.paths.root})", err=True)
+    click.echo(f"moxxy-webhooks {__version__} listening on {server.url} (data: {state.backend.where})", err=True)
 
     def on_signal(signum, frame):
         if signum == signal.SIGHUP:
@@ -4681,6 +5278,79 @@ def serve(state: CliState, **kw) -> None:
         with contextlib.suppress(OSError):
             os.unlink(state.paths.server)
         log.info("stopped")
+
+
+def network_filesystem(path: str) -> str | None:
+    """The type of the network filesystem ``path`` is on (nfs, cifs...), or None (Linux: /proc/mounts)."""
+    best, kind = "", None
+    with contextlib.suppress(OSError):
+        with open("/proc/mounts", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and (path == fields[1] or path.startswith(fields[1].rstrip("/") + "/")) \
+                        and len(fields[1]) > len(best):
+                    best, kind = fields[1], fields[2]
+    return kind if kind and kind.split(".")[-1] in ("nfs", "nfs4", "cifs", "smb3", "smbfs", "sshfs", "9p",
+                                                    "glusterfs", "ceph", "lustre", "afs") else None
+
+
+def _database_only(state: CliState, command: str) -> str:
+    if not state.database_url:
+        raise click.UsageError(f"{command} needs --database-url (or MOXXY_WEBHOOKS_DATABASE_URL)")
+    return state.database_url
+
+
+@cli.command()
+@pass_state
+def migrate(state: CliState) -> None:
+    """Create or upgrade the PostgreSQL schema (idempotent; safe from several boxes at once)."""
+    url = _database_only(state, "migrate")
+    try:
+        before, after = pg_migrate(url)
+    except psycopg.Error as e:
+        raise click.ClickException(f"cannot migrate the database at {state.backend.where}: {str(e).strip()[:300]}") from None
+    click.echo(f"schema version {after}" + (" (already)" if before == after else f" (was {before or 'none'})"))
+
+
+@cli.command(name="import")
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@pass_state
+def import_dir(state: CliState, source: str) -> None:
+    """Copy a data directory into the database: webhooks, agents, vault, seen ids, unfinished work."""
+    _database_only(state, "import")
+    src = open_backend(Paths.resolve(source))
+    with _errors():
+        raw, vault_doc = src.config.read_raw(), src.vault.file.read_raw()
+        compile_config(raw)
+
+        def merge(doc: dict) -> int:
+            for section in ("webhooks", "agents"):
+                clash = sorted(set(doc.get(section, {})) & set(raw.get(section, {})))
+                if clash:
+                    raise Conflict(f"the database already has {section} {', '.join(clash)}: nothing was imported")
+            for section in ("webhooks", "agents"):
+                doc.setdefault(section, {}).update(raw.get(section, {}))
+            return len(raw.get("webhooks", {}))
+
+        def merge_vault(doc: dict) -> None:
+            clash = sorted(k for k, v in vault_doc.items() if doc.get(k) not in (None, v))
+            if clash:
+                raise Conflict(f"the database's vault has other values for {', '.join(clash)}: nothing was imported")
+            doc.update(vault_doc)
+
+        state.vault.file.update(merge_vault)  # first: it refuses before anything else is written
+        hooks = state.store.update(merge)
+        jobs = seen = 0
+        db = Paths.resolve(source).db
+        if os.path.exists(db):
+            log_db = DeliveryLog(db)
+            store = state.backend.open_deliveries(Options())
+            jobs, seen = store.import_rows(
+                log_db.query("SELECT * FROM deliveries WHERE status IN ('queued', 'running')"),
+                log_db.query("SELECT * FROM seen WHERE seen_at > ?", (clock() - DEDUPE_WINDOW,)),
+                log_db.query("SELECT * FROM replies WHERE status = 'queued'"))
+    click.echo(f"Imported {hooks} webhook(s), {len(raw.get('agents', {}))} agent(s), {len(vault_doc)} vault key(s), "
+               f"{jobs} unfinished deliveries and {seen} seen delivery ids from {os.path.abspath(source)}")
 
 
 # --- webhooks ---
@@ -5147,7 +5817,7 @@ def deliveries(ctx: click.Context, webhook, status, limit, as_json) -> None:
     if not os.path.exists(state.paths.db):
         rows = []
     else:
-        rows = state.backend.open_deliveries(Options.retention).list(webhook, status, limit)
+        rows = state.backend.open_deliveries(Options()).list(webhook, status, limit)
     if as_json:
         _echo_json({"deliveries": rows})
         return
