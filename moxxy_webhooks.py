@@ -2906,6 +2906,8 @@ class PgDeliveryStore(DeliveryStore):
         with self._wake:
             self._closed = True
             self._wake.notify_all()
+        with contextlib.suppress(HTTPError):
+            self.pool.execute("SELECT pg_notify('moxxy', 'wake')")  # so that our LISTEN loop sees it at once
 
     def _notified(self) -> None:
         with self._wake:

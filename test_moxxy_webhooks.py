@@ -20,12 +20,14 @@ import os
 import queue
 import re
 import shlex
+import shutil
 import signal
 import socket
 import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -327,6 +329,90 @@ def eventually(probe, timeout: float = 5.0, interval: float = 0.02):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+# --- PostgreSQL: a real server for the tests (Debian's postgresql; initdb into a temp directory) ---
+
+PG_REQUIRED = os.environ.get("MOXXY_TEST_POSTGRES") == "required"  # .ci/run: missing PostgreSQL fails, never skips
+
+
+def _pg_binary(name: str) -> str | None:
+    import glob
+    return shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+
+
+def _pg_missing(why: str):
+    if PG_REQUIRED:
+        pytest.fail(f"PostgreSQL is required here (MOXXY_TEST_POSTGRES=required) but {why}")
+    pytest.skip(f"PostgreSQL not available: {why}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PgServer:
+    """A private PostgreSQL server: its own data directory, socket directory and loopback port."""
+
+    def __init__(self):
+        import pwd
+        self.root = tempfile.mkdtemp(prefix="moxxy-pg-")
+        self.data, self.port = os.path.join(self.root, "data"), free_port()
+        self.run_as = []
+        if os.geteuid() == 0:  # initdb refuses to run as root
+            user = pwd.getpwnam("postgres")
+            os.chown(self.root, user.pw_uid, user.pw_gid)
+            self.run_as = ["runuser", "-u", "postgres", "--"]
+        subprocess.run(self.run_as + [_pg_binary("initdb"), "-D", self.data, "-A", "trust", "-U", "moxxy",
+                                      "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
+        self.start()
+        self.url = f"postgresql://moxxy@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+                   "-c max_connections=300 -c full_page_writes=off")
+        subprocess.run(self.run_as + [_pg_binary("pg_ctl"), "-D", self.data, "-l", os.path.join(self.root, "log"),
+                                      "-w", "-o", options, "start"], check=True, capture_output=True)
+
+    def stop(self, mode: str = "fast") -> None:
+        subprocess.run(self.run_as + [_pg_binary("pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop"],
+                       check=True, capture_output=True)
+
+    def close(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    if mw.psycopg is None:
+        _pg_missing("psycopg is not installed (pip install 'moxxy-webhooks[postgres]')")
+    if os.environ.get("MOXXY_TEST_DATABASE_URL"):  # an existing server whose user may create databases
+        yield os.environ["MOXXY_TEST_DATABASE_URL"]
+        return
+    if not (_pg_binary("initdb") and _pg_binary("pg_ctl")):
+        _pg_missing("initdb and pg_ctl are not installed (apt-get install postgresql)")
+    server = PgServer()
+    yield server.url
+    server.close()
+
+
+def new_database(server_url: str) -> str:
+    """A fresh database on the server, migrated; its URL."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    with mw.psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0")
+    url = server_url.rsplit("/", 1)[0] + "/" + name
+    mw.pg_migrate(url)
+    return url
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    return new_database(pg_server)
 
 
 def call(host: str, port: int, method: str, path: str, body=None, headers=None):
@@ -1892,6 +1978,346 @@ def test_a_sync_delivery_is_listed_at_once(gw):
     ids = [gw.generic({"message": f"m{i}"})[2]["delivery_id"] for i in range(3)]
     status, _, body = gw.admin_call("GET", "/api/webhooks/generic/deliveries")
     assert status == 200 and [d["id"] for d in body["deliveries"]][:3] == ids[::-1]
+
+
+# --- the DeliveryStore contract, the same tests on every backend ---
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    """A started DeliveryStore of each backend (PostgreSQL: a fresh database of the test server)."""
+    if request.param == "sqlite":
+        made = mw.DeliveryLog(str(tmp_path / "deliveries.db"), retention=86400)
+    else:
+        made = mw.PgDeliveryStore(mw.PgPool(request.getfixturevalue("pg_url")), 86400, 30.0, lambda name: None)
+    made.start()
+    yield made
+    made.stop()
+
+
+def job(**fields) -> dict:
+    return mw.delivery_row(**{"id": mw.new_id(), "webhook": "w", "agent": "default", "message": "m",
+                              "max_attempts": 3, **fields})
+
+
+def test_store_enqueue_claim_complete(store):
+    row = job()
+    store.enqueue(row)
+    claimed = store.next_job(5)
+    assert (claimed["id"], claimed["status"], claimed["attempts"]) == (row["id"], "running", 1)
+    failures = []
+    store.complete(row["id"], {"status": "succeeded", "response": "ok", "finished_at": mw.clock()}, failures.append)
+    assert eventually(lambda: store.get(row["id"])["status"] == "succeeded") and failures == []
+    assert store.wait(row["id"], 5)["response"] == "ok"
+    assert store.next_job(0.1) is None
+
+
+def test_store_never_hands_one_job_to_two_claimers(store):
+    ids = set()
+    for _ in range(40):
+        row = job()
+        store.enqueue(row)
+        ids.add(row["id"])
+    claimed, lock = [], threading.Lock()
+
+    def claimer():
+        while (row := store.next_job(0.3)) is not None:
+            with lock:
+                claimed.append(row["id"])
+
+    threads = [threading.Thread(target=claimer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(claimed) == sorted(ids)  # every job once, none twice
+
+
+def test_store_does_not_hand_out_a_job_before_its_backoff(store):
+    row = job()
+    store.enqueue(row)
+    store.next_job(5)
+    store.reschedule(row["id"], "attempt 1 failed", mw.clock() + 60)
+    assert store.next_job(0.3) is None
+    assert eventually(lambda: store.get(row["id"])["status"] == "queued")
+
+
+def test_store_dedupe_claim_race_runs_once(store):
+    barrier, results = threading.Barrier(16), []
+
+    def claim(i):
+        barrier.wait()
+        results.append(store.claim("w", "delivery-1", f"d{i}"))
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sum(r is None for r in results) == 1  # one claim wins; 15 are told of the earlier delivery
+
+
+def test_store_a_failed_delivery_id_may_run_again(store):
+    assert store.claim("w", "k", "first") is None
+    store.record(job(id="first", status="failed", error="boom", finished_at=mw.clock()))
+    assert eventually(lambda: store.get("first"))
+    assert store.claim("w", "k", "second") is None  # a redelivery of a failed one runs
+    assert store.claim("w", "k", "third")["id"] == "second"
+
+
+def test_store_prunes_finished_deliveries_past_the_retention(store):
+    old = mw.clock() - 10 * 86400
+    store.record(job(id="old-done", status="succeeded", created_at=old, finished_at=old))
+    store.enqueue(job(id="old-queued", created_at=old))
+    store.record(job(id="new-done", status="succeeded", finished_at=mw.clock()))
+    assert eventually(lambda: store.get("new-done"))  # written in order: the old one is in too (or pruned already)
+    store.prune()
+    assert store.get("old-done") is None and store.get("old-queued") and store.get("new-done")
+
+
+def test_store_replies_are_queued_claimed_and_finished(store):
+    row = dict(id=mw.new_id(), delivery_id=None, kind="reply_to", args="{}", status="queued", sent=0, attempts=0,
+               error=None, created_at=mw.clock(), next_attempt_at=0.0)
+    store.add_reply(row)
+    got = store.next_reply(5)
+    assert got["id"] == row["id"]
+    store.reply_progress(dict(got, status="queued", attempts=1, next_attempt_at=mw.clock() + 60))
+    assert store.next_reply(0.3) is None  # not before its backoff
+
+
+# === PostgreSQL ===
+
+
+def pg_store(url: str, lease: float = 30.0, start: bool = True) -> "mw.PgDeliveryStore":
+    store = mw.PgDeliveryStore(mw.PgPool(url), 86400, lease, lambda name: None)
+    if start:
+        store.start()
+    return store
+
+
+def test_an_expired_lease_is_taken_over_and_the_old_claimer_cannot_write(pg_url):
+    stalled = pg_store(pg_url, lease=0.5, start=False)  # claims, but sends no heartbeat: as a frozen gateway
+    row = job()
+    stalled.enqueue(row)
+    assert stalled.next_job(5)["id"] == row["id"]
+    other = pg_store(pg_url, lease=0.5)  # its reaper puts the expired lease back
+    try:
+        taken = eventually(lambda: other.next_job(0.5), timeout=10)
+        assert taken and taken["id"] == row["id"] and taken["attempts"] == 2
+        lost = []
+        stalled.complete(row["id"], {"status": "succeeded", "response": "stale"}, lost.append)
+        other.complete(row["id"], {"status": "succeeded", "response": "fresh", "finished_at": mw.clock()}, lost.append)
+        assert other.get(row["id"])["response"] == "fresh" and lost == []
+    finally:
+        other.stop()
+
+
+def test_a_heartbeat_keeps_a_long_job_and_a_poison_job_ends_failed(pg_url):
+    live = pg_store(pg_url, lease=0.5)
+    other = pg_store(pg_url, lease=0.5)
+    try:
+        kept = job()
+        live.enqueue(kept)
+        assert live.next_job(5)["id"] == kept["id"]
+        assert other.next_job(1.5) is None  # three leases later, the heartbeat still holds it
+        # a job that kills its gateway every time: attempts are counted at claim, so it ends failed
+        poison = job(max_attempts=2)
+        other.enqueue(poison)
+        for attempt in (1, 2):
+            frozen = pg_store(pg_url, lease=0.5, start=False)
+            claimed = eventually(lambda: frozen.next_job(0.5), timeout=10)
+            assert claimed["id"] == poison["id"] and claimed["attempts"] == attempt
+        final = eventually(lambda: (r := other.get(poison["id"]))["status"] == "failed" and r, timeout=10)
+        assert final and "lease expired" in final["error"]
+    finally:
+        live.stop()
+        other.stop()
+
+
+def test_config_writers_on_two_boxes_never_lose_a_change(pg_url):
+    a, b = mw.open_backend(mw.Paths("/nonexistent"), pg_url), mw.open_backend(mw.Paths("/nonexistent"), pg_url)
+
+    def writer(backend, prefix):
+        for i in range(15):
+            mw.save_webhook(backend.config, f"{prefix}-{i}", {"secret": "s"}, create=True)
+
+    threads = [threading.Thread(target=writer, args=(a, "a")), threading.Thread(target=writer, args=(b, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    names = set(mw.open_backend(mw.Paths("/nonexistent"), pg_url).config.current().webhooks)
+    assert names == {f"{p}-{i}" for p in "ab" for i in range(15)}
+
+
+def test_migrate_is_idempotent_and_serve_refuses_an_unknown_schema(pg_server, runner, restore_logging):
+    name = "m_" + uuid.uuid4().hex[:10]
+    with mw.psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    parts = urllib.parse.urlsplit(pg_server)
+    url = parts._replace(netloc=f"{parts.username}:pw-not-shown@{parts.hostname}:{parts.port}", path="/" + name).geturl()
+    refused = runner("--database-url", url, "serve", "--port", "0")
+    assert refused.exit_code == 1 and "no moxxy-webhooks schema" in refused.output and "migrate" in refused.output
+    first = runner("--database-url", url, "migrate")
+    assert first.exit_code == 0 and first.output == f"schema version {mw.SCHEMA_VERSION} (was none)\n"
+    again = runner("--database-url", url, "migrate")
+    assert again.exit_code == 0 and again.output == f"schema version {mw.SCHEMA_VERSION} (already)\n"
+    assert "pw-not-shown" not in refused.output and f"127.0.0.1:{parts.port}/{name}" in refused.output
+    created = runner("--database-url", url, "create", "from-cli", "--secret", "s")
+    assert created.exit_code == 0, created.output
+    assert "from-cli" in runner("--database-url", url, "list").output
+
+
+def test_import_copies_a_data_directory_into_the_database(pg_url, runner, gateway):
+    g = gateway()
+    assert g.admin_call("POST", "/api/webhooks", {"name": "gh", "secret": "s"})[0] == 201
+    g.vault_set("telegram_bot_token", "${env:TG_TOKEN}")
+    assert g.request("POST", "/api/webhooks/gh", {"message": "hi"},
+                     {"X-Webhook-Secret": "s", "X-GitHub-Delivery": "guid-1"})[0] == 200
+    g.close()
+    result = runner("--database-url", pg_url, "import", str(g.paths.root))
+    assert result.exit_code == 0, result.output
+    assert "Imported 1 webhook(s)" in result.output and "1 seen delivery ids" in result.output
+    backend = mw.open_backend(mw.Paths("/nonexistent"), pg_url)
+    assert set(backend.config.current().webhooks) == {"gh"}
+    assert backend.vault.file.read_raw()["telegram_bot_token"] == "${env:TG_TOKEN}"  # references stay references
+    store = pg_store(pg_url)
+    try:
+        assert store.claim("gh", "guid-1", "new") is not None  # a redelivery after the move is still a duplicate
+    finally:
+        store.stop()
+    again = runner("--database-url", pg_url, "import", str(g.paths.root))
+    assert again.exit_code == 1 and "already has webhooks gh: nothing was imported" in again.output
+
+
+class ServeProcess:
+    """``moxxy-webhooks serve`` as a real process on a database."""
+
+    def __init__(self, url: str, data: str, *args):
+        self.proc = subprocess.Popen([PY, MODULE, "--data-dir", data, "--database-url", url, "serve", "--port", "0",
+                                      "--rate-limit", "off", "--log-level", "warning", *args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.url = None
+        for line in self.proc.stderr:
+            m = re.search(r"listening on (http://\S+)", line)
+            if m:
+                self.url = m.group(1)
+                break
+        assert self.url, "the gateway did not start"
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def request(self, method: str, path: str, body=None, headers=None):
+        status, _, doc = call("127.0.0.1", self.port, method, path, body, headers)
+        return status, doc
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+
+@pytest.fixture
+def two_gateways(pg_url, tmp_path):
+    backend = mw.open_backend(mw.Paths(str(tmp_path / "unused")), pg_url)
+    backend.vault.set("webhook_secret", "shared-secret")
+    backend.vault.set("admin_token", "shared-admin")
+    mw.save_agent(backend.config, "sleeper", command_agent(["/bin/sleep", "0.02"]), create=True)  # 20 ms jobs
+    made = [ServeProcess(pg_url, str(tmp_path / f"box{i}"), "--lease", "2", "--retry-base", "0.2") for i in range(2)]
+    yield made
+    for g in made:
+        g.stop()
+
+
+ADMIN = {"Authorization": "Bearer shared-admin"}
+
+
+def test_a_config_change_on_one_gateway_is_in_force_on_the_other_within_a_second(two_gateways):
+    a, b = two_gateways
+    status, _ = a.request("POST", "/api/webhooks", {"name": "shared", "secret": "s"}, ADMIN)
+    assert status == 201
+    started = time.monotonic()
+    assert eventually(lambda: b.request("GET", "/api/webhooks/shared", headers=ADMIN)[0] == 200, timeout=3)
+    assert time.monotonic() - started < 1.0
+    assert b.request("POST", "/api/webhooks/shared", {"message": "hi"}, {"X-Webhook-Secret": "s"})[0] == 200
+
+
+def test_one_delivery_id_sent_to_two_gateways_at_once_runs_once(two_gateways):
+    a, b = two_gateways
+    assert a.request("POST", "/api/webhooks", {"name": "gh", "secret": "s", "response_mode": "async"}, ADMIN)[0] == 201
+    assert eventually(lambda: b.request("GET", "/api/webhooks/gh", headers=ADMIN)[0] == 200)
+    barrier, answers = threading.Barrier(2), []
+
+    def send(gw):
+        barrier.wait()
+        answers.append(gw.request("POST", "/api/webhooks/gh", {"message": "once"},
+                                  {"X-Webhook-Secret": "s", "X-GitHub-Delivery": "same-guid"}))
+
+    threads = [threading.Thread(target=send, args=(g,)) for g in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(status for status, _ in answers) == [200, 202]
+    duplicate = next(body for status, body in answers if status == 200)
+    queued = next(body for status, body in answers if status == 202)
+    assert duplicate["duplicate"] is True and duplicate["delivery_id"] == queued["delivery_id"]
+
+
+def test_two_gateways_share_the_queue_and_one_killed_loses_nothing(two_gateways):
+    a, b = two_gateways
+    accepted = []
+    for i in range(1000):
+        if i == 500:
+            a.kill()  # SIGKILL halfway: its claimed jobs come back after the lease (2 s)
+        target = b if i % 2 or i >= 500 else a
+        status, body = target.request("POST", "/api/webhooks/generic",
+                                      {"agent": "sleeper", "message": f"m{i}", "response_mode": "async"},
+                                      {"X-Webhook-Secret": "shared-secret"})
+        assert status == 202, body
+        accepted.append(body["delivery_id"])
+
+    def finished():
+        return all(b.request("GET", f"/api/deliveries/{d}", headers=ADMIN)[1]["status"] in ("succeeded", "failed")
+                   for d in accepted[-50:] + accepted[:50])
+    assert eventually(finished, timeout=60)
+    records = [b.request("GET", f"/api/deliveries/{d}", headers=ADMIN)[1] for d in accepted]
+    assert [r["status"] for r in records].count("succeeded") == len(accepted)  # none lost, none failed
+    repeated = sum(r["attempts"] > 1 for r in records)
+    print(f"\n1,000 jobs on two gateways, one killed: {repeated} ran more than once (their claimer died)")
+    assert repeated <= 50
+
+
+def test_the_database_going_away_is_a_503_then_serving_resumes_without_a_restart(tmp_path):
+    if mw.psycopg is None or not _pg_binary("initdb"):
+        _pg_missing("initdb or psycopg is not installed")
+    server = PgServer()  # its own server: this test stops it
+    try:
+        url = new_database(server.url)
+        backend = mw.open_backend(mw.Paths(str(tmp_path / "unused")), url)
+        backend.vault.set("webhook_secret", "s")
+        backend.vault.set("admin_token", "adm")
+        gw = ServeProcess(url, str(tmp_path / "box"))
+        try:
+            send = lambda: gw.request("POST", "/api/webhooks/generic", {"message": "m", "response_mode": "async"},
+                                      {"X-Webhook-Secret": "s"})
+            assert send()[0] == 202
+            server.stop()
+            status, body = send()
+            assert status == 503 and "database" in body["error"]  # never a 202 that is not committed
+            assert gw.request("GET", "/readyz")[0] == 503
+            assert eventually(lambda: gw.request("GET", "/healthz")[1].get("database") == "failing", timeout=5)
+            server.start()
+            assert eventually(lambda: send()[0] == 202, timeout=15)
+            assert eventually(lambda: gw.request("GET", "/readyz")[0] == 200, timeout=10)
+        finally:
+            gw.stop()
+    finally:
+        server.close()
 
 
 # === Delivery engine ===
