@@ -2877,11 +2877,13 @@ class PgDeliveryStore(DeliveryStore):
         self._claims: dict = {}  # delivery id -> token of this instance's running jobs
         self._reply_claims: dict = {}
         self._claims_lock = threading.Lock()
-        self._wake = threading.Condition()
-        self._wakes = 0
+        self._wake = {"moxxy_deliveries": threading.Condition(), "moxxy_replies": threading.Condition()}
+        self._wakes = {"moxxy_deliveries": 0, "moxxy_replies": 0}  # NOTIFYs seen, per queue
+        self._stopped = threading.Event()
         self._closed = False
         self._threads: list[threading.Thread] = []
         self.failing: str | None = None  # why the database is failing, for /healthz and /readyz
+        self._depth = (0, -math.inf)
 
     # lifecycle: one thread listens (NOTIFY), one keeps leases, reaps and polls
     def start(self) -> None:
@@ -2903,16 +2905,18 @@ class PgDeliveryStore(DeliveryStore):
         self.pool.close()
 
     def close(self) -> None:
-        with self._wake:
-            self._closed = True
-            self._wake.notify_all()
+        self._closed = True
+        self._stopped.set()
+        for table in self._wake:
+            self._notified(table, everyone=True)
         with contextlib.suppress(HTTPError):
             self.pool.execute("SELECT pg_notify('moxxy', 'wake')")  # so that our LISTEN loop sees it at once
 
-    def _notified(self) -> None:
-        with self._wake:
-            self._wakes += 1
-            self._wake.notify_all()
+    def _notified(self, table: str, everyone: bool = False) -> None:
+        """Wake one waiting worker of a queue (one NOTIFY is one new job; a worker that ran one looks again)."""
+        with self._wake[table]:
+            self._wakes[table] += 1
+            self._wake[table].notify_all() if everyone else self._wake[table].notify()
 
     def _listen(self) -> None:
         delay = 0.5
@@ -2921,14 +2925,16 @@ class PgDeliveryStore(DeliveryStore):
                 with psycopg.connect(self.pool.url, autocommit=True, connect_timeout=5) as conn:
                     conn.execute("LISTEN moxxy")
                     delay = 0.5
-                    self._notified()  # whatever was sent while we were not listening
+                    for table in self._wake:  # whatever was sent while we were not listening
+                        self._notified(table, everyone=True)
                     self.on_config("*")
                     while not self._closed:
                         for note in conn.notifies(timeout=1.0, stop_after=64):
                             if note.payload.startswith("config:"):
                                 self.on_config(note.payload[7:])
-                            else:
-                                self._notified()
+                            elif note.payload in ("jobs", "jobs-all", "replies"):
+                                self._notified("moxxy_replies" if note.payload == "replies" else "moxxy_deliveries",
+                                               everyone=note.payload == "jobs-all")
             except psycopg.Error as e:
                 if not self._closed:
                     log.warning("database: LISTEN connection lost (%s); reconnecting in %gs", str(e).strip()[:200], delay)
@@ -2952,8 +2958,7 @@ class PgDeliveryStore(DeliveryStore):
                 self.failing = None
             except HTTPError:
                 self.failing = "the database is unreachable or failing"
-            with self._wake:
-                self._wake.wait(interval)
+            self._stopped.wait(interval)
 
     def _heartbeat(self) -> None:
         with self._claims_lock:
@@ -2977,7 +2982,7 @@ class PgDeliveryStore(DeliveryStore):
         if rows:
             log.warning("database: %d expired lease(s) reclaimed: %s", len(rows),
                         ", ".join(f"{r['id']} -> {r['status']}" for r in rows[:10]))
-            self.pool.execute("SELECT pg_notify('moxxy', 'jobs')")
+            self.pool.execute("SELECT pg_notify('moxxy', 'jobs-all')")  # several jobs: wake every worker
 
     def ping(self) -> str | None:
         try:
@@ -3002,9 +3007,9 @@ class PgDeliveryStore(DeliveryStore):
     def recover(self) -> int:
         return self.depth()  # other instances' running jobs are the reaper's, after their lease
 
-    def _wait(self, seen: int, timeout: float) -> None:
-        with self._wake:
-            self._wake.wait_for(lambda: self._wakes != seen or self._closed, timeout)
+    def _wait(self, table: str, seen: int, timeout: float) -> None:
+        with self._wake[table]:
+            self._wake[table].wait_for(lambda: self._wakes[table] != seen or self._closed, timeout)
 
     def _claim_next(self, table: str, claims: dict) -> dict | None:
         token = secrets.token_hex(16)
@@ -3022,8 +3027,8 @@ class PgDeliveryStore(DeliveryStore):
     def _next(self, table: str, claims: dict, timeout: float) -> dict | None:
         end = time.monotonic() + timeout
         while not self._closed:
-            with self._wake:
-                seen = self._wakes
+            with self._wake[table]:
+                seen = self._wakes[table]
             try:
                 row = self._claim_next(table, claims)
             except HTTPError:
@@ -3033,7 +3038,7 @@ class PgDeliveryStore(DeliveryStore):
             left = end - time.monotonic()
             if left <= 0:
                 return None
-            self._wait(seen, min(left, 2.0))  # NOTIFY wakes us; a poll every 2 s is the backstop
+            self._wait(table, seen, min(left, 2.0))  # NOTIFY wakes us; a poll every 2 s is the backstop
         return None
 
     def next_job(self, timeout: float) -> Any:
@@ -3078,7 +3083,11 @@ class PgDeliveryStore(DeliveryStore):
             conn.execute("SELECT pg_notify('moxxy', 'jobs')")
 
     def depth(self) -> int:
-        return self.pool.execute("SELECT count(*) AS n FROM moxxy_deliveries WHERE status = 'queued'")[0]["n"]
+        """Jobs queued on every gateway (counted at most twice a second: it bounds intake, it need not be exact)."""
+        if time.monotonic() - self._depth[1] > 0.5:
+            n = self.pool.execute("SELECT count(*) AS n FROM moxxy_deliveries WHERE status = 'queued'")[0]["n"]
+            self._depth = (n, time.monotonic())
+        return self._depth[0]
 
     # dedupe: an upsert that takes over only an expired entry or one whose delivery failed
     def claim(self, webhook: str, key: str, delivery_id: str) -> Any:
@@ -3154,7 +3163,7 @@ class PgDeliveryStore(DeliveryStore):
                 conn.execute(f"INSERT INTO moxxy_replies ({', '.join(REPLY_COLUMNS)}) VALUES "
                              f"({', '.join(['%s'] * len(REPLY_COLUMNS))}) ON CONFLICT (id) DO NOTHING",
                              [_pg_text(row[c]) for c in REPLY_COLUMNS])
-            conn.execute("SELECT pg_notify('moxxy', 'jobs')")
+            conn.execute("SELECT pg_notify('moxxy', 'jobs-all')")
         return len(deliveries), len(seen)
 
     def prune(self) -> None:
