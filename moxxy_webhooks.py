@@ -2356,6 +2356,11 @@ class DeliveryStore:
         """None when storage answers, else why not (for /healthz and /readyz)."""
         return None
 
+    def slot(self, name: str, limit: int, timeout: float) -> Callable[[], None] | None:
+        """Take one of ``limit`` slots for running ``name`` (a webhook's ``max_concurrency``), waiting up
+        to ``timeout``; return the function that gives it back, or None if every slot stayed busy."""
+        raise NotImplementedError
+
 
 class DeliveryLog(DeliveryStore):
     """The delivery log and durable queue in SQLite (``deliveries.db``): the first DeliveryStore.
@@ -2381,6 +2386,8 @@ class DeliveryLog(DeliveryStore):
         self._urgent = threading.Event()
         self._claim_lock = threading.Lock()
         self._jobs = JobQueue()  # delivery ids; the rows stay in the database
+        self._slots: dict = {}  # name -> (limit, semaphore): max_concurrency within this process
+        self._slots_lock = threading.Lock()
         self._replies = JobQueue()  # reply rows (kept in memory too: a reply whose write failed is still sent)
 
     # writing
@@ -2563,6 +2570,13 @@ class DeliveryLog(DeliveryStore):
     def depth(self) -> int:
         return len(self._jobs)
 
+    def slot(self, name: str, limit: int, timeout: float) -> Callable[[], None] | None:
+        with self._slots_lock:
+            held = self._slots.get(name)
+            if held is None or held[0] != limit:
+                held = self._slots[name] = (limit, threading.BoundedSemaphore(limit))
+        return held[1].release if held[1].acquire(timeout=timeout) else None
+
     # replies
     def add_reply(self, row: dict) -> None:
         try:
@@ -2691,6 +2705,7 @@ PG_SCHEMA = [  # index = version - 1: each entry upgrades from the previous vers
         created_at double precision NOT NULL, next_attempt_at double precision,
         run_at timestamptz NOT NULL DEFAULT now(), lease_until timestamptz, token text);
     CREATE INDEX moxxy_replies_due ON moxxy_replies (run_at) WHERE status = 'queued';
+    CREATE TABLE moxxy_buckets (key text PRIMARY KEY, tokens double precision NOT NULL, at timestamptz NOT NULL);
     """,
 ]
 DELIVERY_COLUMNS = ("id", "webhook", "agent", "status", "attempts", "max_attempts", "event", "message", "context",
@@ -3096,6 +3111,9 @@ class PgDeliveryStore(DeliveryStore):
             "ON CONFLICT (webhook, key) DO UPDATE SET delivery_id = EXCLUDED.delivery_id, seen_at = now() "
             "WHERE s.seen_at < now() - make_interval(secs => %s) OR EXISTS "
             "(SELECT 1 FROM moxxy_deliveries d WHERE d.id = s.delivery_id AND d.status = 'failed') "
+            # a claim whose delivery was never written (its gateway died between the two) expires too
+            "OR (s.seen_at < now() - interval '15 minutes' AND NOT EXISTS "
+            "(SELECT 1 FROM moxxy_deliveries d WHERE d.id = s.delivery_id)) "
             "RETURNING delivery_id", (webhook, key, delivery_id, DEDUPE_WINDOW))
         if rows:
             return None
@@ -3147,6 +3165,27 @@ class PgDeliveryStore(DeliveryStore):
                      (row["status"], row["sent"], row["attempts"], row["error"], row["next_attempt_at"], delay),
                      table="moxxy_replies")
 
+    def slot(self, name: str, limit: int, timeout: float) -> Callable[[], None] | None:
+        """A slot across every gateway: one of ``limit`` advisory locks, held by a session of its own
+        for the run (closing it gives the lock back, also when the gateway dies)."""
+        try:
+            conn = psycopg.connect(self.pool.url, autocommit=True, connect_timeout=5)
+        except psycopg.Error as e:
+            raise _pg_unavailable(e) from None
+        end = time.monotonic() + timeout
+        try:
+            while True:
+                for i in range(limit):
+                    if conn.execute("SELECT pg_try_advisory_lock(hashtext(%s), %s)", ("moxxy:" + name, i)).fetchone()[0]:
+                        return conn.close
+                if time.monotonic() >= end:
+                    conn.close()
+                    return None
+                time.sleep(0.05)  # a poll: the slot may be given back on any gateway
+        except psycopg.Error as e:
+            conn.close()
+            raise _pg_unavailable(e) from None
+
     def import_rows(self, deliveries: list, seen: list, replies: list) -> tuple[int, int]:
         """Copy a data directory's unfinished deliveries, seen ids and replies (``import``); return counts."""
         with self.pool.connection() as conn, conn.transaction():
@@ -3175,6 +3214,50 @@ class PgDeliveryStore(DeliveryStore):
         self.pool.execute("DELETE FROM moxxy_seen WHERE seen_at < now() - make_interval(secs => %s)", (DEDUPE_WINDOW,))
 
 
+class PgRateLimiter:
+    """Per-webhook token buckets shared by every gateway (table ``moxxy_buckets``).
+
+    A gateway reserves up to a quarter of a second of refill at a time and spends it locally, so a
+    busy webhook costs one round trip per reservation, not per request. If the database fails, the
+    local bucket decides (intake fails open rather than refusing every sender).
+    """
+
+    def __init__(self, pool: PgPool, rate: tuple[float, float] | None):
+        self.pool, self.rate = pool, rate
+        self.local = RateLimiter(rate)
+        self._held: dict = {}  # key -> [tokens, good until (monotonic)]
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> float:
+        if self.rate is None:
+            return 0.0
+        with self._lock:
+            held = self._held.get(key)
+            if held and held[0] >= 1 and held[1] > time.monotonic():
+                held[0] -= 1
+                return 0.0
+        try:
+            granted, wait = self._reserve(key, max(1, int(self.rate[0] * 0.25)))
+        except HTTPError:
+            return self.local.take(key)
+        if granted:
+            with self._lock:
+                self._held[key] = [granted - 1, time.monotonic() + 1.0]
+        return wait
+
+    def _reserve(self, key: str, want: int) -> tuple[int, float]:
+        per_second, burst = self.rate
+        with self.pool.connection() as conn, conn.transaction():
+            conn.execute("INSERT INTO moxxy_buckets (key, tokens, at) VALUES (%s, %s, now()) ON CONFLICT DO NOTHING",
+                         (key, burst))
+            row = conn.execute("SELECT tokens, extract(epoch FROM now() - at)::float8 AS age FROM moxxy_buckets "
+                               "WHERE key = %s FOR UPDATE", (key,)).fetchone()
+            tokens = min(burst, row["tokens"] + max(0.0, row["age"]) * per_second)
+            granted = min(want, int(tokens))
+            conn.execute("UPDATE moxxy_buckets SET tokens = %s, at = now() WHERE key = %s", (tokens - granted, key))
+        return granted, 0.0 if granted else (1 - tokens) / per_second
+
+
 def _pg_text(value: Any) -> Any:
     """A value PostgreSQL can store as text: NUL characters and lone surrogates replaced."""
     if isinstance(value, str):
@@ -3197,6 +3280,7 @@ class Backend:
     open_deliveries: Callable[[Any], DeliveryStore]  # Options (retention, lease) -> the delivery store
     prepare: Callable[[], None]  # check and create what serving needs (before serving)
     where: str  # for people: the data directory, or the database (without its password)
+    rate_limiter: Callable[[Any], Any] = RateLimiter  # (per second, burst) -> per-webhook buckets
 
 
 def open_backend(paths: Paths, database_url: str | None = None) -> Backend:
@@ -3242,7 +3326,7 @@ def _pg_backend(url: str) -> Backend:
     def open_deliveries(options) -> DeliveryStore:
         return PgDeliveryStore(pool, options.retention, options.lease, refresh)
 
-    return Backend(config, Vault(vault_doc), open_deliveries, prepare, where)
+    return Backend(config, Vault(vault_doc), open_deliveries, prepare, where, lambda rate: PgRateLimiter(pool, rate))
 
 
 # === Delivery engine ===
@@ -3346,8 +3430,6 @@ class DeliveryEngine:
         self.accepting = True
         self._pending = 0  # async jobs accepted and not finished: the bound of --queue-size
         self._pending_lock = threading.Lock()
-        self._slots: dict = {}
-        self._slots_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._unsaved: dict = {}  # delivery id -> final fields whose commit failed, written again later
         self._unsaved_lock = threading.Lock()
@@ -3409,23 +3491,12 @@ class DeliveryEngine:
 
     # --- sync ---
 
-    def _slot(self, wh: Webhook | None):
-        """A per-webhook semaphore for ``max_concurrency`` (None when unlimited)."""
-        if wh is None or not wh.max_concurrency:
-            return None
-        with self._slots_lock:
-            limit, sem = self._slots.get(wh.name, (None, None))
-            if limit != wh.max_concurrency:
-                sem = threading.BoundedSemaphore(wh.max_concurrency)
-                self._slots[wh.name] = (wh.max_concurrency, sem)
-            return sem
-
     def run_sync(self, *, webhook: str, agent: AgentConfig, message: str, context: dict, delivery_id: str,
                  event: str | None = None, wh: Webhook | None = None) -> str:
         """Run an agent now and record the delivery; raise 502/503/504 as HTTPError."""
         timeout = min(wh.timeout or agent.timeout, agent.timeout) if wh else agent.timeout
-        slot = self._slot(wh)
-        if slot and not slot.acquire(timeout=timeout):
+        release = self.store.slot(wh.name, wh.max_concurrency, timeout) if wh and wh.max_concurrency else None
+        if wh and wh.max_concurrency and release is None:
             raise Unavailable(f"webhook '{webhook}' is at its max_concurrency ({wh.max_concurrency})",
                               headers={"Retry-After": "5"})
         started = time.monotonic()
@@ -3447,8 +3518,8 @@ class DeliveryEngine:
             raise e.as_http() from None
         finally:
             self._in_flight.pop(delivery_id, None)
-            if slot:
-                slot.release()
+            if release:
+                release()
         self.metrics.delivery("succeeded", time.monotonic() - started)
         self.record(id=delivery_id, webhook=webhook, agent=agent.name, status="succeeded", attempts=1,
                     event=event, response=response, finished_at=clock())
@@ -4188,7 +4259,8 @@ class App:
         self.metrics = Metrics()
         self.engine = DeliveryEngine(self.backend.open_deliveries, self.store.current, self.options, self.metrics)
         rate = parse_rate(self.options.rate_limit)
-        self.ip_limiter, self.hook_limiter = RateLimiter(rate), RateLimiter(rate)
+        # per IP: in memory (before authentication nothing touches storage); per webhook: the backend's
+        self.ip_limiter, self.hook_limiter = RateLimiter(rate), self.backend.rate_limiter(rate)
         self.platforms = Platforms(self.vault, self.engine, self.options.inline_window)
         self.routes = self._route_table()
         self._static = {(r.method, r.pattern.pattern): r for r in self.routes if "(" not in r.pattern.pattern}

@@ -412,7 +412,10 @@ def new_database(server_url: str) -> str:
 
 @pytest.fixture
 def pg_url(pg_server):
-    return new_database(pg_server)
+    url = new_database(pg_server)
+    yield url
+    with mw.psycopg.connect(pg_server, autocommit=True) as conn:  # whatever the test left connected goes too
+        conn.execute(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")
 
 
 def call(host: str, port: int, method: str, path: str, body=None, headers=None):
@@ -2075,6 +2078,16 @@ def test_store_prunes_finished_deliveries_past_the_retention(store):
     assert store.get("old-done") is None and store.get("old-queued") and store.get("new-done")
 
 
+def test_store_concurrency_slots_hold_and_are_given_back(store):
+    release = store.slot("w", 1, 1.0)
+    assert release is not None
+    assert store.slot("w", 1, 0.1) is None  # the only slot is taken
+    release()
+    again = store.slot("w", 1, 1.0)
+    assert again is not None
+    again()
+
+
 def test_store_replies_are_queued_claimed_and_finished(store):
     row = dict(id=mw.new_id(), delivery_id=None, kind="reply_to", args="{}", status="queued", sent=0, attempts=0,
                error=None, created_at=mw.clock(), next_attempt_at=0.0)
@@ -2132,6 +2145,29 @@ def test_a_heartbeat_keeps_a_long_job_and_a_poison_job_ends_failed(pg_url):
     finally:
         live.stop()
         other.stop()
+
+
+def test_max_concurrency_and_webhook_rate_limits_hold_across_gateways(pg_url):
+    a, b = pg_store(pg_url, start=False), pg_store(pg_url, start=False)
+    release = a.slot("deploy", 1, 1.0)
+    assert release is not None and b.slot("deploy", 1, 0.2) is None  # one slot for every gateway
+    release()
+    assert (other := b.slot("deploy", 1, 1.0)) is not None
+    other()
+    # two gateways' per-webhook buckets (4/s, burst 8) share one budget; two local ones would allow 16
+    rate = mw.parse_rate("4/s")
+    limiters = [mw.PgRateLimiter(a.pool, rate), mw.PgRateLimiter(b.pool, rate)]
+    allowed = sum(limiters[i % 2].take("hook:gh") == 0 for i in range(24))
+    assert 8 <= allowed <= 10, allowed
+
+
+def test_a_dedupe_claim_whose_delivery_was_never_written_expires(pg_url):
+    store = pg_store(pg_url, start=False)
+    assert store.claim("gh", "guid", "lost") is None  # its gateway died before writing the delivery
+    assert store.claim("gh", "guid", "retry")["id"] == "lost"  # within minutes: maybe still running
+    with mw.psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE moxxy_seen SET seen_at = now() - interval '16 minutes'")
+    assert store.claim("gh", "guid", "retry") is None  # later: the sender's retry runs
 
 
 def test_config_writers_on_two_boxes_never_lose_a_change(pg_url):
