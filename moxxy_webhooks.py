@@ -5317,7 +5317,7 @@ def serve(state: CliState, **kw) -> None:
         raise click.ClickException(f"cannot listen on {options.host}:{options.port}: {e.strerror or e} "
                                    "(another server on that port? choose one with --port)") from None
     if made:
-        click.echo(f"Generated {' and '.join(made)} in {state.paths.vault}. Read them with:\n"
+        click.echo(f"Generated {' and '.join(made)} in {state.paths.vault if not state.database_url else state.backend.where}. Read them with:\n"
                    + "".join(f"  moxxy-webhooks vault get {k}\n" for k in made), err=True)
     with contextlib.suppress(VaultError):
         if state.vault.get("discord_public_key") and not ed25519_available():
@@ -5363,11 +5363,11 @@ def serve(state: CliState, **kw) -> None:
         log.info("stopped")
 
 
-def network_filesystem(path: str) -> str | None:
+def network_filesystem(path: str, mounts: str = "/proc/mounts") -> str | None:
     """The type of the network filesystem ``path`` is on (nfs, cifs...), or None (Linux: /proc/mounts)."""
     best, kind = "", None
     with contextlib.suppress(OSError):
-        with open("/proc/mounts", encoding="utf-8", errors="replace") as f:
+        with open(mounts, encoding="utf-8", errors="replace") as f:
             for line in f:
                 fields = line.split()
                 if len(fields) > 2 and (path == fields[1] or path.startswith(fields[1].rstrip("/") + "/")) \
@@ -5661,7 +5661,7 @@ def _check(state: CliState) -> None:
     except DataFileError as e:
         problems.append(str(e))
     except ConfigError as e:
-        problems.append(f"{state.paths.webhooks}: {e.message}")
+        problems.append(f"{state.paths.webhooks if not state.database_url else state.backend.where}: {e.message}")
     agents = {"default": True}
     for name, cfg in agents_raw.items():
         try:
@@ -5698,7 +5698,7 @@ def _check(state: CliState) -> None:
         for p in problems:
             click.echo(f"problem: {p}", err=True)
         raise click.exceptions.Exit(1)
-    click.echo(f"ok: {state.paths.root} ({len(webhooks_raw)} webhooks, {len(agents)} agents)")
+    click.echo(f"ok: {state.backend.where} ({len(webhooks_raw)} webhooks, {len(agents)} agents)")
 
 
 def _server_url(state: CliState, url: str | None) -> str:

@@ -6130,6 +6130,15 @@ def test_data_dir_from_environment(tmp_path):
     assert "envhook" in read_doc(os.path.join(data, "webhooks.json"))["webhooks"]
 
 
+@pytest.mark.parametrize("path, kind", [("/srv/moxxy/data", "nfs4"), ("/srv/local", None), ("/home/me/x", "cifs"),
+                                        ("/", None), ("/srvx", None)])
+def test_network_filesystem_finds_the_mount_a_path_is_on(tmp_path, path, kind):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/sda1 / ext4 rw 0 0\nnas:/export /srv/moxxy nfs4 rw 0 0\n"
+                      "//nas/home /home/me cifs rw 0 0\n/dev/sdb1 /srv ext4 rw 0 0\n")
+    assert mw.network_filesystem(path, str(mounts)) == kind
+
+
 def test_serve_on_a_busy_port_says_so(runner):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
