@@ -2275,8 +2275,12 @@ class DeliveryStore:
         """Write what is pending and stop; unfinished jobs stay stored for the next start."""
 
     # the queue
-    def enqueue(self, row: dict) -> None:
-        """Store a new async job durably (raise Unavailable if that fails), then schedule it."""
+    def enqueue(self, row: dict, dedupe: tuple[str, str] | None = None) -> Any:
+        """Store a new async job durably (raise Unavailable if that fails), then schedule it.
+
+        With ``dedupe`` (webhook, sender's delivery id), the id is claimed in the same commit: if it
+        was seen already, nothing is stored and the earlier delivery is returned (else None).
+        """
         raise NotImplementedError
 
     def record(self, row: dict) -> None:
@@ -2524,9 +2528,19 @@ class DeliveryLog(DeliveryStore):
                    on_error=on_error)
 
     # the queue
-    def enqueue(self, row: dict) -> None:
-        self.insert(wait=True, **row)
+    def enqueue(self, row: dict, dedupe: tuple[str, str] | None = None) -> Any:
+        if dedupe:  # the claim is queued just before the job: the job's commit carries it too
+            earlier = self.claim(*dedupe, row["id"])
+            if earlier is not None:
+                return earlier
+        try:
+            self.insert(wait=True, **row)
+        except HTTPError:
+            if dedupe:
+                self.release(*dedupe, row["id"])
+            raise
         self._jobs.put(row["id"])
+        return None
 
     def record(self, row: dict) -> None:
         self.insert(**row)
@@ -2897,7 +2911,6 @@ class PgDeliveryStore(DeliveryStore):
         self._stopped = threading.Event()
         self._closed = False
         self._threads: list[threading.Thread] = []
-        self.failing: str | None = None  # why the database is failing, for /healthz and /readyz
         self._depth = (0, -math.inf)
 
     # lifecycle: one thread listens (NOTIFY), one keeps leases, reaps and polls
@@ -2970,9 +2983,8 @@ class PgDeliveryStore(DeliveryStore):
                     last_prune = time.monotonic()
                     self.prune()
                 self.on_config("*")  # the backstop of NOTIFY: a poll of the versions
-                self.failing = None
             except HTTPError:
-                self.failing = "the database is unreachable or failing"
+                pass  # logged by the pool; /readyz says so; the next round tries again
             self._stopped.wait(interval)
 
     def _heartbeat(self) -> None:
@@ -3007,11 +3019,16 @@ class PgDeliveryStore(DeliveryStore):
             return "the database is unreachable or failing"
 
     # the queue
-    def enqueue(self, row: dict) -> None:
-        with self.pool.connection() as conn, conn.transaction():
+    def enqueue(self, row: dict, dedupe: tuple[str, str] | None = None) -> Any:
+        with self.pool.connection() as conn, conn.transaction():  # the claim, the job and its NOTIFY: one commit
+            if dedupe:
+                earlier = self._claim_in(conn, *dedupe, row["id"])
+                if earlier is not None:
+                    return earlier
             conn.execute(f"INSERT INTO moxxy_deliveries ({', '.join(DELIVERY_COLUMNS)}) "
                          f"VALUES ({', '.join(['%s'] * len(DELIVERY_COLUMNS))})", [_pg_text(row[c]) for c in DELIVERY_COLUMNS])
             conn.execute("SELECT pg_notify('moxxy', 'jobs')")  # delivered at commit
+        return None
 
     def record(self, row: dict) -> None:
         cols = ", ".join(DELIVERY_COLUMNS)
@@ -3106,7 +3123,11 @@ class PgDeliveryStore(DeliveryStore):
 
     # dedupe: an upsert that takes over only an expired entry or one whose delivery failed
     def claim(self, webhook: str, key: str, delivery_id: str) -> Any:
-        rows = self.pool.execute(
+        with self.pool.connection() as conn:
+            return self._claim_in(conn, webhook, key, delivery_id)
+
+    def _claim_in(self, conn, webhook: str, key: str, delivery_id: str) -> Any:
+        rows = conn.execute(
             "INSERT INTO moxxy_seen AS s (webhook, key, delivery_id) VALUES (%s, %s, %s) "
             "ON CONFLICT (webhook, key) DO UPDATE SET delivery_id = EXCLUDED.delivery_id, seen_at = now() "
             "WHERE s.seen_at < now() - make_interval(secs => %s) OR EXISTS "
@@ -3114,12 +3135,16 @@ class PgDeliveryStore(DeliveryStore):
             # a claim whose delivery was never written (its gateway died between the two) expires too
             "OR (s.seen_at < now() - interval '15 minutes' AND NOT EXISTS "
             "(SELECT 1 FROM moxxy_deliveries d WHERE d.id = s.delivery_id)) "
-            "RETURNING delivery_id", (webhook, key, delivery_id, DEDUPE_WINDOW))
+            "RETURNING delivery_id", (webhook, key, delivery_id, DEDUPE_WINDOW)).fetchall()
         if rows:
             return None
-        earlier = self.pool.execute("SELECT delivery_id FROM moxxy_seen WHERE webhook = %s AND key = %s", (webhook, key))
-        earlier_id = earlier[0]["delivery_id"] if earlier else delivery_id
-        return self.get(earlier_id) or {"id": earlier_id, "status": "running", "response": None}
+        earlier = conn.execute("SELECT d.* FROM moxxy_seen s LEFT JOIN moxxy_deliveries d ON d.id = s.delivery_id "
+                               "WHERE s.webhook = %s AND s.key = %s", (webhook, key)).fetchone()
+        if earlier and earlier["id"]:
+            return earlier
+        earlier_id = conn.execute("SELECT delivery_id FROM moxxy_seen WHERE webhook = %s AND key = %s",
+                                  (webhook, key)).fetchone()
+        return {"id": earlier_id["delivery_id"] if earlier_id else delivery_id, "status": "running", "response": None}
 
     def release(self, webhook: str, key: str, delivery_id: str) -> None:
         self.pool.execute("DELETE FROM moxxy_seen WHERE webhook = %s AND key = %s AND delivery_id = %s",
@@ -3408,6 +3433,14 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+class Duplicate(Exception):
+    """A sender's delivery id was seen already: nothing was stored; ``earlier`` is that delivery."""
+
+    def __init__(self, earlier: Any):
+        super().__init__(earlier["id"])
+        self.earlier = earlier
+
+
 REPLY_ATTEMPTS = 3  # tries of one outbound call (a reply_to POST, a platform answer) before it is given up
 REPLY_TIMEOUT = 10.0
 
@@ -3535,22 +3568,28 @@ class DeliveryEngine:
     # --- async ---
 
     def enqueue(self, *, webhook: str, agent: AgentConfig, message: str, context: dict, delivery_id: str,
-                event: str | None = None, reply_to: Iterable = ()) -> None:
-        """Store an async job durably, then queue it; 503 when the queue is full or the server stops."""
+                event: str | None = None, reply_to: Iterable = (), dedupe: tuple[str, str] | None = None) -> None:
+        """Store an async job durably, then queue it; 503 when the queue is full or the server stops.
+
+        With ``dedupe``, the sender's delivery id is claimed in the same commit; a repeat raises Duplicate.
+        """
         if not self.accepting:
             raise Unavailable("the server is shutting down", headers={"Retry-After": "5"})
         shared_depth = self.store.depth() if self.store.shared else 0  # several gateways: the bound is global
         with self._pending_lock:
-            if max(shared_depth, self._pending) >= self.options.queue_size:
+            if (shared_depth if self.store.shared else self._pending) >= self.options.queue_size:
                 raise Unavailable(f"the delivery queue is full ({self.options.queue_size} jobs)", headers={"Retry-After": "5"})
             self._pending += 1
         try:
-            self.store.enqueue(delivery_row(id=delivery_id, webhook=webhook, agent=agent.name, status="queued",
-                                            max_attempts=self.options.max_attempts, event=event, message=message,
-                                            context=context, reply_to=list(reply_to)))
+            earlier = self.store.enqueue(delivery_row(id=delivery_id, webhook=webhook, agent=agent.name, status="queued",
+                                                      max_attempts=self.options.max_attempts, event=event,
+                                                      message=message, context=context, reply_to=list(reply_to)), dedupe)
         except HTTPError:
             self._done()
             raise
+        if earlier is not None:
+            self._done()
+            raise Duplicate(earlier)
 
     def retry(self, delivery_id: str) -> None:
         """Run a failed delivery again from its first attempt (409 unless it failed and kept its message)."""
@@ -4474,13 +4513,14 @@ class App:
     # --- delivering to agents ---
 
     def deliver(self, req: Request, *, webhook: str, agent: AgentConfig, message: str, context: dict, mode: str,
-                delivery_id: str | None = None, event: str | None = None, wh: Webhook | None = None) -> Response:
+                delivery_id: str | None = None, event: str | None = None, wh: Webhook | None = None,
+                dedupe: tuple[str, str] | None = None) -> Response:
         """Hand a message to an agent, sync (200 with the answer) or async (202 with a delivery id)."""
         delivery_id = delivery_id or new_id()
         req.info.update(agent=agent.name, delivery_id=delivery_id)
         if mode == "async":
             self.engine.enqueue(webhook=webhook, agent=agent, message=message, context=context,
-                                delivery_id=delivery_id, event=event, reply_to=wh.reply_to if wh else ())
+                                delivery_id=delivery_id, event=event, reply_to=wh.reply_to if wh else (), dedupe=dedupe)
             req.info["outcome"] = "queued"
             return Response.json(202, {"success": True, "agent": agent.name, "status": "queued", "delivery_id": delivery_id},
                                  {"Location": f"/api/deliveries/{delivery_id}"})
@@ -4574,23 +4614,28 @@ class App:
         # dedupe
         delivery_id = new_id()
         key = next((req.headers[h][:200] for h in DEDUPE_HEADERS if req.headers.get(h)), None)
-        if key:
-            earlier = self.deliveries.claim(wh.name, key, delivery_id)
-            if earlier is not None:
-                req.info.update(outcome="duplicate", delivery_id=earlier["id"])
-                log.info("webhook %s: delivery %s repeats %s: not run again", wh.name, key, earlier["id"])
-                return Response.json(200, {"success": True, "duplicate": True, "delivery_id": earlier["id"],
-                                           "status": earlier["status"], "response": earlier["response"]})
+        # async: the claim is part of the first job's commit (never a claim without its job); sync: first
+        atomic = bool(key) and mode == "async"
         try:
-            return self._deliver_items(req, wh, agent, payload, mode, delivery_id)
+            if key and not atomic:
+                earlier = self.deliveries.claim(wh.name, key, delivery_id)
+                if earlier is not None:
+                    raise Duplicate(earlier)
+            return self._deliver_items(req, wh, agent, payload, mode, delivery_id, (wh.name, key) if atomic else None)
+        except Duplicate as d:
+            req.info.update(outcome="duplicate", delivery_id=d.earlier["id"])
+            log.info("webhook %s: delivery %s repeats %s: not run again", wh.name, key, d.earlier["id"])
+            return Response.json(200, {"success": True, "duplicate": True, "delivery_id": d.earlier["id"],
+                                       "status": d.earlier["status"], "response": d.earlier["response"]})
         except HTTPError:
             if key:  # refused (queue full, concurrency cap...): the sender's retry must run, not be a duplicate
                 self.deliveries.release(wh.name, key, delivery_id)
             raise
 
     def _deliver_items(self, req: Request, wh: Webhook, agent: AgentConfig, payload: dict, mode: str,
-                       delivery_id: str) -> Response:
-        """Map, filter, render and deliver each item of a payload (one unless ``transform.split``)."""
+                       delivery_id: str, dedupe: tuple[str, str] | None = None) -> Response:
+        """Map, filter, render and deliver each item of a payload (one unless ``transform.split``);
+        ``dedupe`` goes with the first item that is delivered."""
         items = split_payload(wh, payload)
         results = []
         for i, item in enumerate(items):
@@ -4606,7 +4651,8 @@ class App:
                 continue
             try:
                 results.append(self.deliver(req, webhook=wh.name, agent=agent, message=ev.message, context=ev.context,
-                                            mode=mode, delivery_id=item_id, event=ev.event, wh=wh))
+                                            mode=mode, delivery_id=item_id, event=ev.event, wh=wh, dedupe=dedupe))
+                dedupe = None
             except (AgentFailed, AgentTimeout) as e:
                 if wh.split is None:
                     raise

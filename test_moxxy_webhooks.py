@@ -2060,6 +2060,25 @@ def test_store_dedupe_claim_race_runs_once(store):
     assert sum(r is None for r in results) == 1  # one claim wins; 15 are told of the earlier delivery
 
 
+def test_store_enqueue_claims_the_sender_id_in_the_same_commit(store):
+    barrier, earlier, ids = threading.Barrier(16), [], []
+
+    def enqueue():
+        row = job()
+        ids.append(row["id"])
+        barrier.wait()
+        earlier.append(store.enqueue(row, ("w", "guid-1")))
+
+    threads = [threading.Thread(target=enqueue) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    stored = [i for i in ids if store.get(i)]
+    assert len(stored) == 1 and earlier.count(None) == 1  # one job; 15 told of it, and nothing stored for them
+    assert {e["id"] for e in earlier if e is not None} == set(stored)
+
+
 def test_store_a_failed_delivery_id_may_run_again(store):
     assert store.claim("w", "k", "first") is None
     store.record(job(id="first", status="failed", error="boom", finished_at=mw.clock()))
