@@ -5943,7 +5943,7 @@ def deliveries(ctx: click.Context, webhook, status, limit, as_json) -> None:
     if ctx.invoked_subcommand:
         return
     state: CliState = ctx.obj
-    if not os.path.exists(state.paths.db):
+    if not state.database_url and not os.path.exists(state.paths.db):
         rows = []
     else:
         rows = state.backend.open_deliveries(Options()).list(webhook, status, limit)

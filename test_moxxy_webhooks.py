@@ -2221,6 +2221,8 @@ def test_migrate_is_idempotent_and_serve_refuses_an_unknown_schema(pg_server, ru
     created = runner("--database-url", url, "create", "from-cli", "--secret", "s")
     assert created.exit_code == 0, created.output
     assert "from-cli" in runner("--database-url", url, "list").output
+    pg_store(url, start=False).record(job(id="listed-from-the-db", status="succeeded", finished_at=mw.clock()))
+    assert "listed-from-the-db" in runner("--database-url", url, "deliveries").output
 
 
 def test_import_copies_a_data_directory_into_the_database(pg_url, runner, gateway):
