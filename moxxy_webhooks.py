@@ -570,17 +570,38 @@ def verify_github_signature(secret: str, body: bytes, sig256: str | None = None,
 
 
 def _standard_key(secret: str) -> bytes:
-    """Key of a Standard Webhooks secret: base64 after ``whsec_``, else the raw bytes."""
-    text = secret[6:] if secret.startswith("whsec_") else secret
+    """Key of a Standard Webhooks secret: base64 after ``whsec_`` (padding optional), else the raw bytes."""
+    if not secret.startswith("whsec_"):
+        return _b(secret)
+    text = secret[6:]
     try:
-        return base64.b64decode(text, validate=True)
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
         return _b(text)
 
 
+def standard_secret_problem(secret: str) -> str | None:
+    """Why a secret cannot key Standard Webhooks (Svix) signatures, or None when it can."""
+    if secret.startswith("whsec_"):
+        text = secret[6:]
+        try:
+            if base64.b64decode(text + "=" * (-len(text) % 4), validate=True):
+                return None
+        except (binascii.Error, ValueError):
+            pass
+        return "starts with whsec_ but what follows is not base64 (copy the whole signing secret from the sender)"
+    return None
+
+
+def new_standard_secret() -> str:
+    """A secret the Standard Webhooks and Svix libraries accept as it is: whsec_ + base64 of 24 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
 def verify_standard_webhook(secret: str, body: bytes, msg_id: str | None, timestamp: str | None,
                             signature: str | None, now: float | None = None, tolerance: int = 300) -> bool:
-    """Check Standard Webhooks headers: ``v1,<base64>`` entries over ``id.timestamp.body``, +-5 min."""
+    """Check Standard Webhooks headers (or Svix's, the same scheme): ``v1,<base64>`` entries over
+    ``id.timestamp.body``, +-5 min."""
     if not (secret and msg_id and timestamp and signature):
         return False
     try:
@@ -767,25 +788,143 @@ def _auth_scheme(authorization: str | None) -> str:
     return (authorization or "").strip().partition(" ")[0].lower()
 
 
+SIGNED_PAYLOADS = ("{body}", "{timestamp}.{body}", "{id}.{timestamp}.{body}")
+HASHES = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512}
+
+
+@dataclasses.dataclass(frozen=True)
+class SignatureScheme:
+    """An HMAC a sender puts in a header: the one mechanism behind the provider presets and a
+    webhook's own ``"signature"``. Verified over the raw body, in constant time."""
+
+    headers: tuple  # lower-case names; the first one present carries the signature
+    algorithm: str = "sha256"
+    encoding: str = "hex"  # hex | base64
+    prefix: str = ""  # before each signature, e.g. "sha256="
+    payload: str = "{body}"  # one of SIGNED_PAYLOADS
+    timestamp_header: str | None = None
+    id_header: str | None = None
+    tolerance: float = 300.0  # seconds a timestamp may be off
+    entries: str = "one"  # one | list (several, comma or space separated) | stripe (t=...,v1=...,v1=...)
+    timestamp_field: str | None = None  # a JSON body field in milliseconds (Linear's webhookTimestamp)
+
+    def verify(self, secret: str, headers: dict, body: bytes, now: float) -> bool:
+        value = next((headers[h] for h in self.headers if headers.get(h)), None)
+        if not (secret and value):
+            return False
+        timestamp = headers.get(self.timestamp_header) if self.timestamp_header else None
+        if self.entries == "stripe":
+            fields = [part.strip().partition("=") for part in value.split(",")]
+            timestamp = next((v for k, _, v in fields if k == "t"), None)
+            candidates = [v for k, _, v in fields if k == "v1"]
+        else:
+            candidates = re.split(r"[,\s]+", value.strip()) if self.entries == "list" else [value.strip()]
+            candidates = [c[len(self.prefix):] for c in candidates if c.startswith(self.prefix)]
+        if "{timestamp}" in self.payload and not self._fresh(timestamp, now, 1):
+            return False
+        if self.timestamp_field and not self._fresh(_json_field(body, self.timestamp_field), now, 1000):
+            return False
+        msg_id = headers.get(self.id_header) if self.id_header else None
+        if "{id}" in self.payload and not msg_id:
+            return False
+        head = self.payload[:-len("{body}")].replace("{id}", msg_id or "").replace("{timestamp}", str(timestamp))
+        digest = hmac.new(_b(secret), _b(head) + body, HASHES[self.algorithm]).digest()
+        expected = digest.hex() if self.encoding == "hex" else base64.b64encode(digest).decode()
+        ok = False
+        for candidate in candidates:  # every entry is compared: the time does not say which one matched
+            if secrets_equal(candidate.lower() if self.encoding == "hex" else candidate, expected):
+                ok = True
+        return ok
+
+    def _fresh(self, value: Any, now: float, per_second: int) -> bool:
+        try:
+            return abs(now - int(value) / per_second) <= self.tolerance
+        except (TypeError, ValueError):
+            return False
+
+
+def _json_field(body: bytes, name: str) -> Any:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    return doc.get(name) if isinstance(doc, dict) else None
+
+
+# Senders' own schemes, as rows of the one mechanism (PROTOCOLS.md; each tested with the sender's example).
+SIGNATURE_PRESETS = {
+    "stripe": SignatureScheme(("stripe-signature",), payload="{timestamp}.{body}", entries="stripe"),
+    "shopify": SignatureScheme(("x-shopify-hmac-sha256",), encoding="base64"),
+    "linear": SignatureScheme(("linear-signature",), timestamp_field="webhookTimestamp", tolerance=60),
+    "sentry": SignatureScheme(("sentry-hook-signature",)),
+    "pagerduty": SignatureScheme(("x-pagerduty-signature",), prefix="v1=", entries="list"),
+    "gitea": SignatureScheme(("x-gitea-signature", "x-forgejo-signature", "x-gogs-signature")),
+    "bitbucket": SignatureScheme(("x-hub-signature",), prefix="sha256="),
+    "typeform": SignatureScheme(("typeform-signature",), encoding="base64", prefix="sha256="),
+}
+
+
+def compile_signature(cfg: Any, field: str = "signature") -> SignatureScheme:
+    """A webhook's own ``"signature"`` as a SignatureScheme; ConfigError names the field."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(field, "must be an object like {\"header\": \"X-Signature\", \"algorithm\": \"sha256\"}")
+    allowed = {"header", "algorithm", "encoding", "prefix", "payload", "timestamp_header", "id_header", "tolerance"}
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise ConfigError(f"{field}.{unknown[0]}", f"unknown field (known: {', '.join(sorted(allowed))})")
+    def text(key: str, required: bool = False, default: str | None = None) -> str | None:
+        value = cfg.get(key, default)
+        if (value is None and required) or (value is not None and not isinstance(value, str)):
+            raise ConfigError(f"{field}.{key}", "is required" if value is None else "must be a string")
+        return value
+    header = text("header", required=True)
+    algorithm, encoding = text("algorithm", default="sha256"), text("encoding", default="hex")
+    payload = text("payload", default="{body}")
+    if algorithm not in HASHES:
+        raise ConfigError(f"{field}.algorithm", f"must be one of {', '.join(HASHES)}, not {algorithm!r}")
+    if encoding not in ("hex", "base64"):
+        raise ConfigError(f"{field}.encoding", f"must be hex or base64, not {encoding!r}")
+    if payload not in SIGNED_PAYLOADS:
+        raise ConfigError(f"{field}.payload", f"must be one of {', '.join(SIGNED_PAYLOADS)}")
+    timestamp_header, id_header = text("timestamp_header"), text("id_header")
+    if "{timestamp}" in payload and not timestamp_header:
+        raise ConfigError(f"{field}.timestamp_header", "is required when the payload has {timestamp}")
+    if "{id}" in payload and not id_header:
+        raise ConfigError(f"{field}.id_header", "is required when the payload has {id}")
+    tolerance = cfg.get("tolerance", 300)
+    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not 1 <= tolerance <= 86400:
+        raise ConfigError(f"{field}.tolerance", "must be a number of seconds from 1 to 86400")
+    return SignatureScheme((header.lower(),), algorithm, encoding, text("prefix", default=""), payload,
+                           timestamp_header.lower() if timestamp_header else None,
+                           id_header.lower() if id_header else None, float(tolerance))
+
+
 # One check per scheme a named webhook accepts (SPEC section 8): (secret, headers, body, now) -> bool.
 AUTH_CHECKS: dict[str, Callable[[str, dict, bytes, float], bool]] = {
     "header": lambda s, h, b, now: secrets_equal(h.get("x-webhook-secret"), s),
     "github": lambda s, h, b, now: verify_github_signature(s, b, h.get("x-hub-signature-256"), h.get("x-hub-signature")),
-    "standard": lambda s, h, b, now: verify_standard_webhook(s, b, h.get("webhook-id"), h.get("webhook-timestamp"),
-                                                             h.get("webhook-signature"), now),
+    "standard": lambda s, h, b, now: verify_standard_webhook(
+        s, b, *(h.get(f"webhook-{k}") or h.get(f"svix-{k}") for k in ("id", "timestamp", "signature")), now),
     "gitlab": lambda s, h, b, now: secrets_equal(h.get("x-gitlab-token"), s),
     "bearer": lambda s, h, b, now: _auth_scheme(h.get("authorization")) == "bearer" and verify_authorization(s, h.get("authorization")),
     "basic": lambda s, h, b, now: _auth_scheme(h.get("authorization")) == "basic" and verify_authorization(s, h.get("authorization")),
+    **{name: preset.verify for name, preset in SIGNATURE_PRESETS.items()},
 }
 SECRET_HEADERS = frozenset({"authorization", "cookie", "x-webhook-secret", "x-gitlab-token", "x-hub-signature",
-                            "x-hub-signature-256", "webhook-signature", "x-slack-signature", "x-signature-ed25519",
-                            "x-telegram-bot-api-secret-token", "proxy-authorization"})
+                            "x-hub-signature-256", "webhook-signature", "svix-signature", "x-slack-signature",
+                            "x-signature-ed25519", "x-telegram-bot-api-secret-token", "proxy-authorization",
+                            *(h for preset in SIGNATURE_PRESETS.values() for h in preset.headers)})
 
 
-def authenticate(secrets_: list[str], schemes: Iterable[str], headers: dict, body: bytes, now: float) -> str | None:
-    """Return the first scheme under which the request is authentic for one of the secrets, else None."""
+def authenticate(secrets_: list[str], schemes: Iterable[str], headers: dict, body: bytes, now: float,
+                 own: SignatureScheme | None = None) -> str | None:
+    """Return the first scheme under which the request is authentic for one of the secrets, else None.
+
+    ``own`` is the webhook's own ``"signature"`` (the scheme named "signature")."""
     for scheme in schemes:
-        check = AUTH_CHECKS[scheme]
+        check = own.verify if scheme == "signature" and own else AUTH_CHECKS.get(scheme)
+        if check is None:
+            continue
         for secret in secrets_:
             if check(secret, headers, body, now):
                 return scheme
@@ -1337,8 +1476,28 @@ class Condition:
 
 # --- event names and glob filters ---
 
-EVENT_HEADERS = ("x-github-event", "x-gitlab-event", "x-event-type", "x-event-key")
+EVENT_HEADERS = ("x-github-event", "x-gitlab-event", "x-event-type", "x-event-key", "x-shopify-topic", "linear-event",
+                 "sentry-hook-resource", "x-gitea-event", "x-forgejo-event", "x-gogs-event")
 EVENT_FIELDS = ("event_type", "event", "type", "object_kind")
+# A sender's delivery id: the first of these headers, else a payload field of the sender whose signature came.
+DEDUPE_HEADERS = ("x-github-delivery", "webhook-id", "svix-id", "x-shopify-webhook-id", "linear-delivery",
+                  "x-gitea-delivery", "x-forgejo-delivery", "x-gogs-delivery", "x-request-uuid", "idempotency-key",
+                  "x-gitlab-event-uuid", "x-request-id")
+DEDUPE_FIELDS = {"stripe-signature": ("id",), "typeform-signature": ("event_id",),
+                 "x-pagerduty-signature": ("event", "id"), "sentry-hook-signature": ("id",)}
+
+
+def dedupe_key_of(headers: dict, payload: Any) -> str | None:
+    """The sender's delivery id of a request (at most 200 characters), or None."""
+    for name in DEDUPE_HEADERS:
+        if headers.get(name):
+            return headers[name][:200]
+    for header, path in DEDUPE_FIELDS.items():
+        if headers.get(header):
+            value = lookup_path([payload], path) if isinstance(payload, dict) else None
+            if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
+                return f"{header}:{value}"[:200]
+    return None
 
 
 def event_type_of(headers: dict, payload: Any) -> str:
@@ -1352,6 +1511,9 @@ def event_type_of(headers: dict, payload: Any) -> str:
             value = _nonempty(payload.get(name))
             if value:
                 return value
+        event = payload.get("event")
+        if isinstance(event, dict):  # PagerDuty v3: {"event": {"event_type": "incident.triggered", ...}}
+            return _nonempty(event.get("event_type")) or ""
     return ""
 
 
@@ -1395,7 +1557,7 @@ def glob_match(globs: tuple, name: str) -> str | None:
 # === Model ===
 
 AGENT_KINDS = ("echo", "command", "http", "openai")
-AUTH_SCHEMES = ("header", "github", "standard", "gitlab", "bearer", "basic")
+AUTH_SCHEMES = ("header", "github", "standard", "gitlab", "bearer", "basic", *SIGNATURE_PRESETS, "signature")
 BUILTIN_DEFAULT_AGENT = {"kind": "echo"}
 
 
@@ -1521,7 +1683,7 @@ def validate_agent(name: str, cfg: Any) -> AgentConfig:
 
 WEBHOOK_FIELDS = {"name", "agent", "secret", "previous_secrets", "response_mode", "transform", "filters",
                   "allowed_ips", "enabled", "auth", "max_concurrency", "timeout", "reply_to", "description",
-                  "created_at", "updated_at"}
+                  "created_at", "updated_at", "signature"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1546,6 +1708,7 @@ class Webhook:
     timeout: float | None
     reply_to: tuple
     config: dict
+    signature: SignatureScheme | None = None  # the webhook's own "signature", for auth scheme "signature"
 
     def valid_secrets(self, now: float) -> list[str]:
         """The secrets accepted now (a rotated-out one until its grace ends); references resolved, fail closed."""
@@ -1593,6 +1756,12 @@ def validate_webhook(name: str, cfg: Any, agents: dict) -> Webhook:
         raise ConfigError("secret", "is required (or say \"auth\": \"none\" to accept unauthenticated calls)")
     if secret and len(secret) > 1024:
         raise ConfigError("secret", "is longer than 1024 characters")
+    if secret and auth is not None and "standard" in auth and not is_reference(secret) and standard_secret_problem(secret):
+        raise ConfigError("secret", standard_secret_problem(secret))
+    signature = compile_signature(cfg["signature"]) if cfg.get("signature") is not None else None
+    if auth is not None and "signature" in auth and signature is None and cfg.get("auth") is not None:
+        raise ConfigError("signature", "is required with auth \"signature\" (the header, algorithm, encoding... "
+                                       "of the sender's HMAC)")
     secrets_ = [(secret, None)] if secret else []
     for i, old in enumerate(_expect(cfg, "previous_secrets", list, "previous_secrets", default=[])):
         if not (isinstance(old, dict) and isinstance(old.get("secret"), str)
@@ -1639,7 +1808,7 @@ def validate_webhook(name: str, cfg: Any, agents: dict) -> Webhook:
         allowed_ips=parse_networks(cfg.get("allowed_ips"), "allowed_ips"),
         enabled=_expect(cfg, "enabled", bool, "enabled", default=True),
         max_concurrency=concurrency, timeout=_timeout(cfg, "", None),
-        reply_to=tuple(reply_to), config=dict(cfg),
+        reply_to=tuple(reply_to), config=dict(cfg), signature=signature,
     )
 
 
@@ -1708,7 +1877,9 @@ def save_webhook(store: ConfigStore, name: str, cfg: dict, create: bool) -> tupl
                 if old.get("previous_secrets"):
                     new.setdefault("previous_secrets", old["previous_secrets"])
             elif new.get("auth") != "none":
-                generated = new["secret"] = secrets.token_urlsafe(24)
+                # a Standard Webhooks sender's library needs whsec_<base64>; anything else takes a plain token
+                uses_standard = isinstance(new.get("auth"), list) and "standard" in new["auth"]
+                generated = new["secret"] = new_standard_secret() if uses_standard else secrets.token_urlsafe(24)
         new["created_at"] = old.get("created_at", now) if old else now
         new["updated_at"] = now
         agents = {"default": True, **doc.get("agents", {})}
@@ -4283,9 +4454,6 @@ def split_payload(wh: Webhook, payload: dict) -> list[dict]:
     return [{**payload, **item} if isinstance(item, dict) else {**payload, "item": item} for item in items]
 
 
-DEDUPE_HEADERS = ("x-github-delivery", "webhook-id", "idempotency-key", "x-gitlab-event-uuid", "x-request-id")
-
-
 class App:
     """The gateway: request in, response out. The HTTP server is a thin layer over ``handle``."""
 
@@ -4477,7 +4645,8 @@ class App:
             who = f"webhook '{wh.name}'"
             if wh.auth is not None and not (
                     authenticate(wh.valid_secrets(clock()), [s for s in AUTH_SCHEMES if s in wh.auth], req.headers,
-                                 req.body, clock()) or (access == "webhook_or_admin" and self._is_admin(req))):
+                                 req.body, clock(), wh.signature)
+                    or (access == "webhook_or_admin" and self._is_admin(req))):
                 raise Unauthorized(f"missing or wrong signature or secret for webhook '{wh.name}' "
                                    f"(accepted: {', '.join(s for s in AUTH_SCHEMES if s in wh.auth)})")
         self._rate_limit(self.hook_limiter, key, req, who)
@@ -4613,7 +4782,7 @@ class App:
         agent = self._agent(req, wh.agent)
         # dedupe
         delivery_id = new_id()
-        key = next((req.headers[h][:200] for h in DEDUPE_HEADERS if req.headers.get(h)), None)
+        key = dedupe_key_of(req.headers, payload)
         # async: the claim is part of the first job's commit (never a claim without its job); sync: first
         atomic = bool(key) and mode == "async"
         try:
