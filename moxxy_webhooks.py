@@ -1482,9 +1482,8 @@ EVENT_FIELDS = ("event_type", "event", "type", "object_kind")
 # A sender's delivery id: the first of these headers, else a payload field of the sender whose signature came.
 DEDUPE_HEADERS = ("x-github-delivery", "webhook-id", "svix-id", "x-shopify-webhook-id", "linear-delivery",
                   "x-gitea-delivery", "x-forgejo-delivery", "x-gogs-delivery", "x-request-uuid", "idempotency-key",
-                  "x-gitlab-event-uuid", "x-request-id")
-DEDUPE_FIELDS = {"stripe-signature": ("id",), "typeform-signature": ("event_id",),
-                 "x-pagerduty-signature": ("event", "id"), "sentry-hook-signature": ("id",)}
+                  "x-gitlab-event-uuid", "x-request-id", "request-id")
+DEDUPE_FIELDS = {"stripe-signature": ("id",), "typeform-signature": ("event_id",), "x-pagerduty-signature": ("event", "id")}
 
 
 def dedupe_key_of(headers: dict, payload: Any) -> str | None:

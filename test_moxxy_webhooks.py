@@ -4434,6 +4434,139 @@ def test_standard_webhooks_any_valid_signature_in_the_list_wins(gw, fixed_clock)
     assert status == 401, reply
 
 
+# --- named webhooks: Svix, Stripe and the other providers' presets ---
+
+
+def svix_headers(secret: str, body: bytes, msg_id: str = "msg_2KWPBgLlAfxdpx2AI54pPJ85f4W", ts: int | None = None):
+    """Headers signed by Svix's own library, as Resend, Clerk and other Svix-powered senders send them."""
+    import datetime
+    from svix.webhooks import Webhook as SvixWebhook
+    at = datetime.datetime.fromtimestamp(ts or int(time.time()), tz=datetime.timezone.utc)
+    return {"svix-id": msg_id, "svix-timestamp": str(int(at.timestamp())),
+            "svix-signature": SvixWebhook(secret).sign(msg_id, at, body.decode()), "Content-Type": "application/json"}
+
+
+def test_svix_headers_signed_by_the_svix_library_are_accepted_and_dedupe(gw):
+    secret = new_whsec()
+    create(gw, {"name": "resend", "secret": secret, "auth": ["standard"]})
+    body = b'{"type": "email.delivered", "data": {"email_id": "4ef9a417"}}'
+    status, _, reply = post(gw, "resend", body, svix_headers(secret, body))
+    assert status == 200, reply
+    assert recorded(gw, reply["delivery_id"])["event"] == "email.delivered"
+    again = post(gw, "resend", body, svix_headers(secret, body))[2]  # Svix retries with the same svix-id
+    assert again["duplicate"] is True and again["delivery_id"] == reply["delivery_id"]
+    stale = svix_headers(secret, body, msg_id="msg_other", ts=int(time.time()) - 600)
+    assert_error(post(gw, "resend", body, stale), 401, "unauthorized")
+    assert_error(post(gw, "resend", body + b" ", svix_headers(secret, body, msg_id="msg_3")), 401, "unauthorized")
+
+
+def test_standard_webhooks_secrets_without_padding_work_and_bad_ones_are_refused(gw):
+    from standardwebhooks.webhooks import Webhook as StandardWebhook
+    import datetime
+    padded = "whsec_" + base64.b64encode(b"twenty bytes of key!").decode()  # base64 of 20 bytes ends in "="
+    assert padded.endswith("=")
+    create(gw, {"name": "unpadded", "secret": padded.rstrip("="), "auth": ["standard"]})
+    body, at = b'{"type": "ping"}', datetime.datetime.now(tz=datetime.timezone.utc)
+    signature = StandardWebhook(padded).sign("msg_1", at, body.decode())
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": str(int(at.timestamp())), "webhook-signature": signature}
+    assert post(gw, "unpadded", body, headers)[0] == 200
+    assert_error(gw.admin_call("POST", "/api/webhooks", {"name": "bad", "secret": "whsec_not*base64!", "auth": ["standard"]}),
+                 400, "invalid_config", "whsec_", "not base64")
+
+
+def test_a_generated_secret_works_with_the_standard_webhooks_library(gw):
+    from standardwebhooks.webhooks import Webhook as StandardWebhook
+    import datetime
+    generated = create(gw, {"name": "std", "auth": ["standard"]})["secret"]
+    assert generated.startswith("whsec_")
+    body, at = b'{"type": "ping"}', datetime.datetime.now(tz=datetime.timezone.utc)
+    headers = {"webhook-id": "msg_9", "webhook-timestamp": str(int(at.timestamp())),
+               "webhook-signature": StandardWebhook(generated).sign("msg_9", at, body.decode())}
+    assert post(gw, "std", body, headers)[0] == 200
+
+
+def test_stripe_signed_by_stripes_library_event_from_type_dedupe_on_id(gw):
+    import stripe
+    secret = "whsec_" + "3" * 32  # used as given: Stripe does not base64-decode it
+    create(gw, {"name": "stripe", "secret": secret, "auth": ["stripe"]})
+    body = json.dumps({"id": "evt_1NG8Du2eZvKYlo2CUI79vXWy", "object": "event", "type": "invoice.paid",
+                       "data": {"object": {"id": "in_1"}}}).encode()
+    header = stripe.WebhookSignature.generate_signature_header(body.decode(), secret)
+    status, _, reply = post(gw, "stripe", body, {"Stripe-Signature": header})
+    assert status == 200, reply
+    assert recorded(gw, reply["delivery_id"])["event"] == "invoice.paid"
+    assert post(gw, "stripe", body, {"Stripe-Signature": header})[2]["duplicate"] is True  # the same event id
+    # Stripe's own verifier agrees with what we accept and refuse
+    stripe.WebhookSignature.verify_header(body.decode(), header, secret, tolerance=300)
+    old = stripe.WebhookSignature.generate_signature_header(body.decode(), secret, timestamp=int(time.time()) - 301)
+    assert_error(post(gw, "stripe", body, {"Stripe-Signature": old}), 401, "unauthorized")
+    other = body.replace(b"evt_1", b"evt_2")
+    two = stripe.WebhookSignature.generate_signature_header(other.decode(), secret) + f",v1={'0' * 64}"
+    assert post(gw, "stripe", other, {"Stripe-Signature": two})[0] == 200  # several v1 entries: one matching is enough
+    assert_error(post(gw, "stripe", body + b" ", {"Stripe-Signature": header}), 401, "unauthorized")  # tampered
+    assert_error(post(gw, "stripe", body, {"Stripe-Signature": f"t=1,{header.split(',')[1]}"}), 401, "unauthorized")
+
+
+# (preset, body, event header, expected event name, dedupe header or None)
+PRESET_CASES = [
+    ("shopify", b'{"id": 820982911946154500}', {"X-Shopify-Topic": "orders/create",
+                                                "X-Shopify-Webhook-Id": "b54557e4"}, "orders/create"),
+    ("linear", None, {"Linear-Event": "Issue", "Linear-Delivery": "234d1a4e"}, "Issue.create"),
+    ("sentry", b'{"action": "created"}', {"Sentry-Hook-Resource": "issue", "Request-ID": "r-1"}, "issue.created"),
+    ("pagerduty", b'{"event": {"id": "5ac64822", "event_type": "incident.triggered"}}', {}, "incident.triggered"),
+    ("gitea", b'{"ref": "refs/heads/main"}', {"X-Gitea-Event": "push", "X-Gitea-Delivery": "d-1"}, "push"),
+    ("bitbucket", b'{"push": {}}', {"X-Event-Key": "repo:push", "X-Request-UUID": "u-1"}, "repo:push"),
+    ("typeform", b'{"event_id": "01HX", "event_type": "form_response"}', {}, "form_response"),
+]
+
+
+@pytest.mark.parametrize("preset, body, extra, event", PRESET_CASES, ids=[c[0] for c in PRESET_CASES])
+def test_provider_presets_verify_name_the_event_and_dedupe(gw, preset, body, extra, event):
+    if body is None:  # Linear signs its time in the body: milliseconds, within 60 s
+        body = json.dumps({"action": "create", "webhookTimestamp": int(time.time() * 1000)}).encode()
+    create(gw, {"name": "shop", "secret": "preset-secret", "auth": [preset]})
+    signed = {**preset_headers(preset, "preset-secret", body, int(time.time())), **extra}
+    status, _, reply = post(gw, "shop", body, signed)
+    assert status == 200, reply
+    assert recorded(gw, reply["delivery_id"])["event"] == event
+    assert post(gw, "shop", body, signed)[2].get("duplicate") is True  # the sender's delivery id is remembered
+    assert_error(post(gw, "shop", body + b" ", signed), 401, "unauthorized")  # tampered body
+    wrong = {**preset_headers(preset, "other-secret", body, int(time.time())), **extra}
+    assert_error(post(gw, "shop", body, wrong), 401, "unauthorized")
+    assert_error(post(gw, "shop", body, extra), 401, "unauthorized")  # no signature header
+
+
+def test_linear_timestamp_older_than_a_minute_is_refused(gw):
+    create(gw, {"name": "linear", "secret": "lin", "auth": ["linear"]})
+    body = json.dumps({"action": "create", "webhookTimestamp": int((time.time() - 61) * 1000)}).encode()
+    assert_error(post(gw, "linear", body, preset_headers("linear", "lin", body, 0)), 401, "unauthorized")
+
+
+def test_a_webhooks_own_signature_scheme(gw):
+    create(gw, {"name": "custom", "secret": "k", "auth": ["signature"],
+                "signature": {"header": "X-Acme-Signature", "algorithm": "sha512", "encoding": "base64",
+                              "prefix": "v1:", "payload": "{timestamp}.{body}", "timestamp_header": "X-Acme-Time"}})
+    body, ts = b'{"event": "build.done"}', str(int(time.time()))
+    sig = "v1:" + base64.b64encode(hmac.new(b"k", ts.encode() + b"." + body, hashlib.sha512).digest()).decode()
+    assert post(gw, "custom", body, {"X-Acme-Signature": sig, "X-Acme-Time": ts})[0] == 200
+    assert_error(post(gw, "custom", body, {"X-Acme-Signature": sig, "X-Acme-Time": str(int(ts) - 400)}), 401, "unauthorized")
+
+
+@pytest.mark.parametrize("signature, field, words", [
+    ({"header": "X-Sig", "algorithm": "md5"}, "signature.algorithm", "sha1, sha256, sha512"),
+    ({"header": "X-Sig", "payload": "{timestamp}.{body}"}, "signature.timestamp_header", "is required"),
+    ({"header": "X-Sig", "payload": "{id}.{timestamp}.{body}", "timestamp_header": "T"}, "signature.id_header", "required"),
+    ({"header": "X-Sig", "encoding": "base32"}, "signature.encoding", "hex or base64"),
+    ({"algorithm": "sha256"}, "signature.header", "required"),
+    ({"header": "X-Sig", "salt": "x"}, "signature.salt", "unknown field"),
+    ({"header": "X-Sig", "payload": "{body}.{timestamp}"}, "signature.payload", "must be one of"),
+], ids=["algorithm", "timestamp", "id", "encoding", "header", "unknown", "payload"])
+def test_a_bad_signature_config_is_a_400_naming_the_field(shared_gw, signature, field, words):
+    body = assert_error(shared_gw.admin_call("POST", "/api/webhooks", {"name": "sig", "secret": "k", "auth": ["signature"],
+                                                                       "signature": signature}), 400, "invalid_config", words)
+    assert body["error"].startswith(field + ": ")
+
+
 # --- named webhooks: GitLab, Alertmanager, auth options ---
 
 
