@@ -203,12 +203,6 @@ class Conflict(HTTPError):
     status, code = 409, "conflict"
 
 
-class LengthRequired(HTTPError):
-    """A chunked body: we only accept bodies with a Content-Length."""
-
-    status, code = 411, "length_required"
-
-
 class PayloadTooLarge(HTTPError):
     """The Content-Length is over ``--max-body``."""
 
@@ -4567,8 +4561,6 @@ class App:
                     raise Forbidden(f"client {req.client_ip} is not in the allowed_ips of webhook '{wh.name}'")
         if access != "public":
             self._rate_limit(self.ip_limiter, req.client_ip, req, f"client {req.client_ip}")
-        if chunked:
-            raise LengthRequired("chunked bodies are not accepted: send a Content-Length")
         if content_length is not None and content_length > self.options.max_body:
             raise PayloadTooLarge(f"the body is {content_length} bytes; the limit is {self.options.max_body} (serve --max-body)")
 
@@ -5196,12 +5188,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(400, "bad request target")
             return
         coding = headers.get("transfer-encoding", "").lower()
-        chunked = "chunked" in coding
+        chunked = coding.strip() == "chunked"
         raw_length = headers.get("content-length")
         try:
             if coding and not chunked:
                 self.close_connection = True  # RFC 9112 section 6.1: a coding we cannot frame
-                raise BadRequest(f"Transfer-Encoding {coding!r} is not supported: send a plain body with Content-Length")
+                raise BadRequest(f"Transfer-Encoding {coding!r} is not supported: send the body plain or chunked")
+            if chunked and raw_length is not None:
+                self.close_connection = True  # both framings at once is how requests are smuggled past a proxy
+                raise BadRequest("Content-Length and Transfer-Encoding together are refused: send one of them")
             if raw_length is not None and not (raw_length.strip().isascii() and raw_length.strip().isdigit()
                                                and len(raw_length.strip()) <= 18):  # int() refuses 4300+ digits
                 self.close_connection = True
@@ -5213,14 +5208,58 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True  # the unread body would be parsed as the next request
             self._send(req, app.error_response(req, e), started)
             return
-        if length and headers.get("expect", "").lower() == "100-continue":
+        if (length or chunked) and headers.get("expect", "").lower() == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        req.body = self.rfile.read(length) if length else b""
-        if len(req.body) < length:
-            self.close_connection = True  # the client went away, or the deadline closed the socket
-            return
+        if chunked:
+            try:
+                req.body = self._read_chunked(self.server.options.max_body)
+            except HTTPError as e:
+                self.close_connection = True  # the rest of the body is still on the wire
+                self._send(req, app.error_response(req, e), started)
+                return
+            if req.body is None:
+                self.close_connection = True
+                return
+        else:
+            req.body = self.rfile.read(length) if length else b""
+            if len(req.body) < length:
+                self.close_connection = True  # the client went away, or the deadline closed the socket
+                return
         self.deadline = math.inf  # the request is in; the agent may now take its time
         self._send(req, app.handle(req), started)
+
+    def _read_chunked(self, limit: int) -> bytes | None:
+        """Read a chunked body (RFC 9112 section 7.1) of at most ``limit`` bytes; None if the client went away.
+
+        The request deadline still runs: a body trickled in chunk by chunk is cut off like any other.
+        """
+        parts, size = [], 0
+        while True:
+            line = self.rfile.readline(1026)
+            if not line:
+                return None
+            text = line.split(b";", 1)[0].strip()  # chunk extensions are ignored
+            if not line.endswith(b"\n") or not text or len(text) > 16 or not re.fullmatch(rb"[0-9A-Fa-f]+", text):
+                raise BadRequest("malformed chunked body: a chunk size is not hexadecimal")
+            chunk = int(text, 16)
+            if chunk == 0:
+                break
+            size += chunk
+            if size > limit:
+                raise PayloadTooLarge(f"the chunked body grew past {limit} bytes, the limit (serve --max-body)")
+            data = self.rfile.read(chunk)
+            if len(data) < chunk:
+                return None
+            parts.append(data)
+            if self.rfile.readline(3).strip():
+                raise BadRequest("malformed chunked body: a chunk is longer than its size says")
+        for _ in range(100):  # trailer fields, up to the empty line; not used
+            line = self.rfile.readline(65537)
+            if not line:
+                return None
+            if line in (b"\r\n", b"\n"):
+                return b"".join(parts)
+        raise BadRequest("malformed chunked body: too many trailer lines")
 
     def _send(self, req: Request, resp: Response, started: float) -> None:
         head = [f"HTTP/1.1 {resp.status} {STATUS_PHRASES.get(resp.status, 'Status')}",

@@ -3707,11 +3707,47 @@ def test_body_over_max_body_is_413_before_the_body_is_sent(gateway):
     assert g.request("POST", "/api/webhooks/generic", raw=ok_body, headers={"X-Webhook-Secret": g.secret})[0] == 200
 
 
-def test_chunked_body_is_411(shared):
-    sock, f = raw_connect(shared, head_bytes(shared, "/api/webhooks/generic", {"Transfer-Encoding": "chunked"}))
+def test_a_chunked_body_from_http_client_is_decoded(shared):
+    conn = http.client.HTTPConnection("127.0.0.1", shared.port, timeout=10)
+    chunks = iter([b'{"message": ', b'"chunked ', b'hello"}'])
+    conn.request("POST", "/api/webhooks/generic", body=chunks, encode_chunked=True,
+                 headers={"X-Webhook-Secret": shared.secret, "Transfer-Encoding": "chunked"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and json.loads(resp.read())["response"] == "chunked hello"
+    conn.close()
+
+
+def test_a_chunked_body_from_curl_is_decoded(shared, tmp_path):
+    if not shutil.which("curl"):
+        pytest.skip("curl is not installed")
+    (tmp_path / "body.json").write_text('{"message": "streamed by curl"}')
+    out = subprocess.run(["curl", "-sS", "-T", str(tmp_path / "body.json"), "-X", "POST", "-H", "Transfer-Encoding: chunked",
+                          "-H", f"X-Webhook-Secret: {shared.secret}", f"http://127.0.0.1:{shared.port}/api/webhooks/generic"],
+                         capture_output=True, text=True, timeout=20)
+    assert json.loads(out.stdout)["response"] == "streamed by curl", out
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"3\r\nabcdef\r\n0\r\n\r\n", 400, "longer than its size"),
+    (b"zz\r\nabc\r\n0\r\n\r\n", 400, "not hexadecimal"),
+    (b"ffffff\r\n" + b"x" * 100, 413, "grew past"),
+], ids=["overlong", "not-hex", "too-large"])
+def test_a_bad_or_oversized_chunked_body_is_refused_and_the_connection_closed(gateway, body, status, words):
+    g = gateway(max_body=1000)
+    head = head_bytes(g, "/api/webhooks/generic", {"Transfer-Encoding": "chunked"})
+    sock, f = raw_connect(g, head + body)
+    with sock, f:
+        got, headers, doc = read_response(f)
+        assert (got, headers.get("connection")) == (status, "close") and words in doc["error"]
+        assert f.read() == b""  # closed: the rest of the body is never parsed as a request
+
+
+def test_content_length_with_transfer_encoding_is_refused(shared):
+    head = head_bytes(shared, "/api/webhooks/generic", {"Transfer-Encoding": "chunked", "Content-Length": "5"})
+    sock, f = raw_connect(shared, head + b"0\r\n\r\n")
     with sock, f:
         status, _, body = read_response(f)
-    assert status == 411 and body["code"] == "length_required" and body["success"] is False
+    assert status == 400 and "together" in body["error"]
 
 
 def test_no_content_length_means_empty_body(shared):
