@@ -203,6 +203,12 @@ class Conflict(HTTPError):
     status, code = 409, "conflict"
 
 
+class UnsupportedMediaType(HTTPError):
+    """A body kind the webhook does not take (binary, unless it opts in)."""
+
+    status, code = 415, "unsupported_media_type"
+
+
 class PayloadTooLarge(HTTPError):
     """The Content-Length is over ``--max-body``."""
 
@@ -1676,7 +1682,7 @@ def validate_agent(name: str, cfg: Any) -> AgentConfig:
 
 WEBHOOK_FIELDS = {"name", "agent", "secret", "previous_secrets", "response_mode", "transform", "filters",
                   "allowed_ips", "enabled", "auth", "max_concurrency", "timeout", "reply_to", "description",
-                  "created_at", "updated_at", "signature"}
+                  "created_at", "updated_at", "signature", "accept_binary"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1702,6 +1708,7 @@ class Webhook:
     reply_to: tuple
     config: dict
     signature: SignatureScheme | None = None  # the webhook's own "signature", for auth scheme "signature"
+    accept_binary: bool = False  # a binary body becomes {"body_base64", ...} instead of a 415
 
     def valid_secrets(self, now: float) -> list[str]:
         """The secrets accepted now (a rotated-out one until its grace ends); references resolved, fail closed."""
@@ -1802,6 +1809,7 @@ def validate_webhook(name: str, cfg: Any, agents: dict) -> Webhook:
         enabled=_expect(cfg, "enabled", bool, "enabled", default=True),
         max_concurrency=concurrency, timeout=_timeout(cfg, "", None),
         reply_to=tuple(reply_to), config=dict(cfg), signature=signature,
+        accept_binary=_expect(cfg, "accept_binary", bool, "accept_binary", default=False),
     )
 
 
@@ -3995,6 +4003,80 @@ class Request:
             raise BadRequest(f"the body must be a JSON object, not {type(doc).__name__.replace('list', 'an array')}")
         return doc
 
+    def payload(self, binary_ok: bool = False) -> dict:
+        """A named webhook's body as the pipeline sees it, by its Content-Type.
+
+        JSON (and a JSON body sent as a form, as ``curl -d`` does; GitHub's ``payload=`` form);
+        other forms: their fields (a repeated one as a list); multipart: its fields, each file
+        described; text and XML: ``{"body", "content_type"}``; anything else is binary: 415,
+        or ``{"body_base64", "content_type", "size"}`` when the webhook takes it.
+        """
+        content_type = self.headers.get("content-type", "")
+        mime = content_type.split(";")[0].strip().lower()
+        body = self.body
+        if not body.strip() or mime in ("", "application/json") or mime.endswith("+json"):
+            return self.json_object(allow_form=True, empty={})
+        if mime == "application/x-www-form-urlencoded":
+            if body.startswith(b"payload=") or body.lstrip()[:1] in (b"{", b"["):
+                return self.json_object(allow_form=True, empty={})
+            return _fields(urllib.parse.parse_qsl(self._text(body, "utf-8"), keep_blank_values=True))
+        if mime == "multipart/form-data":
+            return _multipart(content_type, body)
+        if mime.startswith("text/") or mime.endswith("/xml") or mime.endswith("+xml"):
+            charset = re.search(r"charset=\"?([\w.-]+)", content_type, re.I)
+            return {"body": self._text(body, charset.group(1) if charset else "utf-8"), "content_type": mime}
+        if binary_ok:
+            return {"body_base64": base64.b64encode(body).decode(), "content_type": mime, "size": len(body)}
+        raise UnsupportedMediaType(f"a {mime} body is binary: this webhook takes JSON, forms, multipart, text and "
+                                   "XML (set \"accept_binary\": true to take it as base64)")
+
+    @staticmethod
+    def _text(body: bytes, charset: str) -> str:
+        try:
+            return body.decode(charset)
+        except (LookupError, UnicodeDecodeError):
+            raise BadRequest(f"the body is not valid {charset} text") from None
+
+
+def _fields(pairs: Iterable[tuple[str, Any]]) -> dict:
+    """Form fields as an object; a field given several times becomes a list."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            out[key] = (out[key] if isinstance(out[key], list) else [out[key]]) + [value]
+        else:
+            out[key] = value
+    return out
+
+
+MAX_PART_TEXT = 64 << 10  # a file part's text is shown when it is UTF-8 and at most this long
+
+
+def _multipart(content_type: str, body: bytes) -> dict:
+    """``multipart/form-data`` as its fields; a file part as {filename, content_type, size, text?}."""
+    import email.parser
+    import email.policy
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + body)
+    if not message.is_multipart():
+        raise BadRequest("the multipart body has no parts (is the boundary right?)")
+    pairs = []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            continue
+        data = part.get_payload(decode=True) or b""
+        filename = part.get_filename()
+        if filename is None:
+            pairs.append((name, Request._text(data, part.get_content_charset() or "utf-8")))
+            continue
+        described = {"filename": filename, "content_type": part.get_content_type(), "size": len(data)}
+        if len(data) <= MAX_PART_TEXT:
+            with contextlib.suppress(UnicodeDecodeError):
+                described["text"] = data.decode("utf-8")
+        pairs.append((name, described))
+    return _fields(pairs)
+
 
 @dataclasses.dataclass
 class Response:
@@ -4757,7 +4839,7 @@ class App:
 
     def _named(self, req: Request, admin_ok: bool) -> Response:
         wh = self._webhook(req, req.params["name"])  # authenticated by authorize(), over the raw bytes
-        payload = req.json_object(allow_form=True, empty={})
+        payload = req.payload(wh.accept_binary)
         dry_run = admin_ok and req.query.get("dry_run", "") not in ("", "0", "false")
         if dry_run:
             items = [evaluate_webhook(wh, item, req.headers, req.query).dry_run() for item in split_payload(wh, payload)]

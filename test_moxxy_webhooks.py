@@ -302,8 +302,9 @@ def test_each_backend_implements_its_whole_interface(interface, implementation):
 # --- helpers for a running gateway ---
 
 
+# the SPEC's codes (length_required is gone: chunked bodies are decoded) and issue 9's 415
 SPEC_CODES = {"invalid_json", "invalid_request", "invalid_config", "unauthorized", "forbidden", "not_found",
-              "not_configured", "method_not_allowed", "conflict", "length_required", "payload_too_large",
+              "not_configured", "method_not_allowed", "conflict", "payload_too_large", "unsupported_media_type",
               "rate_limited", "agent_failed", "agent_timeout", "unavailable"}
 
 
@@ -4601,6 +4602,47 @@ def test_a_bad_signature_config_is_a_400_naming_the_field(shared_gw, signature, 
     body = assert_error(shared_gw.admin_call("POST", "/api/webhooks", {"name": "sig", "secret": "k", "auth": ["signature"],
                                                                        "signature": signature}), 400, "invalid_config", words)
     assert body["error"].startswith(field + ": ")
+
+
+# --- named webhooks: bodies as senders send them ---
+
+
+@pytest.mark.parametrize("content_type, raw, template, expected", [
+    ("application/x-www-form-urlencoded", b"name=deploy&env=prod&tag=a&tag=b", "{{name}} to {{env}} {{tag}}",
+     'deploy to prod ["a","b"]'),
+    ("application/x-www-form-urlencoded", b'{"name": "json sent as a form"}', "{{name}}", "json sent as a form"),
+    ("text/plain; charset=utf-8", "build d\u00e9ploy\u00e9 OK".encode(), "{{content_type}}: {{body}}",
+     "text/plain: build d\u00e9ploy\u00e9 OK"),
+    ("text/plain; charset=latin-1", "caf\u00e9".encode("latin-1"), "{{body}}", "caf\u00e9"),
+    ("application/xml", b"<alert><name>disk</name></alert>", "{{body}}", "<alert><name>disk</name></alert>"),
+    ("multipart/form-data; boundary=XyZ",
+     b'--XyZ\r\nContent-Disposition: form-data; name="title"\r\n\r\nnightly\r\n'
+     b'--XyZ\r\nContent-Disposition: form-data; name="log"; filename="build.log"\r\nContent-Type: text/plain\r\n\r\n'
+     b'all green\r\n--XyZ--\r\n',
+     "{{title}}: {{log.filename}} ({{log.content_type}}, {{log.size}} bytes) {{log.text}}",
+     "nightly: build.log (text/plain, 9 bytes) all green"),
+], ids=["form", "json-as-form", "text", "latin-1", "xml", "multipart"])
+def test_each_body_kind_reaches_the_template(gw, content_type, raw, template, expected):
+    create(gw, {"name": "kinds", "auth": "none", "transform": {"message_template": template}})
+    status, _, reply = post(gw, "kinds", raw, {"Content-Type": content_type})
+    assert status == 200, reply
+    assert reply["response"] == expected
+
+
+def test_a_binary_body_is_a_415_unless_the_webhook_takes_it(gw):
+    create(gw, {"name": "bin", "auth": "none"})
+    assert_error(post(gw, "bin", b"\x89PNG\r\n", {"Content-Type": "image/png"}), 415, "unsupported_media_type",
+                 "accept_binary")
+    create(gw, {"name": "bin-ok", "auth": "none", "accept_binary": True,
+                "transform": {"message_template": "{{content_type}} {{size}} {{body_base64}}"}})
+    reply = post(gw, "bin-ok", b"\x89PNG\r\n", {"Content-Type": "image/png"})[2]
+    assert reply["response"] == "image/png 6 " + base64.b64encode(b"\x89PNG\r\n").decode()
+
+
+def test_text_that_is_not_its_charset_is_a_400(gw):
+    create(gw, {"name": "txt", "auth": "none"})
+    assert_error(post(gw, "txt", b"\xff\xfe", {"Content-Type": "text/plain"}), 400, "invalid_request", "utf-8")
+
 
 
 # --- named webhooks: GitLab, Alertmanager, auth options ---
