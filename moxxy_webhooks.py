@@ -4192,6 +4192,10 @@ class Platforms:
 
     def verify(self, platform: str, req: Request) -> None:
         """Check a platform request's signature or secret token (404 until its key is in the vault)."""
+        if platform == "slack" and req.body.startswith(b"ssl_check=1"):
+            # Slack's certificate probe of a slash command URL: answered 200 with nothing run (as Bolt does)
+            req.info["ssl_check"] = True
+            return
         {"telegram": self._telegram_verify, "slack": self._slack_verify, "discord": self._discord_verify}[platform](req)
 
     def _ignored(self, req: Request, why: str, body: Any = None) -> Response:
@@ -4332,6 +4336,9 @@ class Platforms:
 
     def slack_events(self, req: Request) -> Response:
         """Slack Events API: URL verification, DMs and @mentions answered in thread."""
+        if req.info.get("ssl_check"):
+            req.info["outcome"] = "ssl_check"
+            return Response(200)
         doc = req.json_object()
         if doc.get("type") == "url_verification":
             req.info["outcome"] = "challenge"
@@ -4359,6 +4366,9 @@ class Platforms:
 
     def slack_interactive(self, req: Request) -> Response:
         """Slack slash commands and interactivity (block_actions...): answers to response_url."""
+        if req.info.get("ssl_check"):
+            req.info["outcome"] = "ssl_check"
+            return Response(200)
         form = {k: v[0] for k, v in urllib.parse.parse_qs(req.body.decode("utf-8", "replace"), keep_blank_values=True).items()}
         if "payload" in form:
             try:
@@ -4546,6 +4556,9 @@ class App:
         self.platforms = Platforms(self.vault, self.engine, self.options.inline_window)
         self.routes = self._route_table()
         self._static = {(r.method, r.pattern.pattern): r for r in self.routes if "(" not in r.pattern.pattern}
+        self._static_paths: dict = {}
+        for method, path in sorted(self._static):
+            self._static_paths.setdefault(path, []).append(method)
 
     # --- lifecycle ---
 
@@ -4613,6 +4626,9 @@ class App:
         if route:
             req.route = route
             return
+        if req.path in self._static_paths:  # /api/webhooks/telegram is not the webhook named "telegram"
+            allow = ", ".join(self._static_paths[req.path])
+            raise MethodNotAllowed(f"{req.method} is not allowed on {req.path} (allowed: {allow})", headers={"Allow": allow})
         allowed = []
         for route in self.routes:
             m = route.pattern.fullmatch(req.path)
