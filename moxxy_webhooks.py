@@ -1709,6 +1709,7 @@ class Webhook:
     config: dict
     signature: SignatureScheme | None = None  # the webhook's own "signature", for auth scheme "signature"
     accept_binary: bool = False  # a binary body becomes {"body_base64", ...} instead of a 415
+    split_key: Any = None  # JSONPath naming a split item (its dedupe key)
 
     def valid_secrets(self, now: float) -> list[str]:
         """The secrets accepted now (a rotated-out one until its grace ends); references resolved, fail closed."""
@@ -1774,13 +1775,17 @@ def validate_webhook(name: str, cfg: Any, agents: dict) -> Webhook:
         raise ConfigError("response_mode", f"must be 'sync' or 'async', not {mode!r}")
 
     transform = _expect(cfg, "transform", dict, "transform", default={})
-    _check_keys(transform, {"message_template", "context_mapping", "split"}, "transform")
+    _check_keys(transform, {"message_template", "context_mapping", "split", "split_key"}, "transform")
     template = transform.get("message_template")
     template = Template(template, "transform.message_template") if template is not None else None
     mapping_cfg = _expect(transform, "context_mapping", dict, "transform.context_mapping", default={})
     mapping = tuple((key, compile_jsonpath(path, f"transform.context_mapping.{key}")) for key, path in mapping_cfg.items())
     split = transform.get("split")
     split = compile_jsonpath(split, "transform.split") if split is not None else None
+    split_key = transform.get("split_key")
+    if split_key is not None and split is None:
+        raise ConfigError("transform.split_key", "needs transform.split (it names each split item)")
+    split_key = compile_jsonpath(split_key, "transform.split_key") if split_key is not None else None
 
     filters = _expect(cfg, "filters", dict, "filters", default={})
     _check_keys(filters, {"include", "exclude", "condition", "event"}, "filters")
@@ -1809,7 +1814,7 @@ def validate_webhook(name: str, cfg: Any, agents: dict) -> Webhook:
         enabled=_expect(cfg, "enabled", bool, "enabled", default=True),
         max_concurrency=concurrency, timeout=_timeout(cfg, "", None),
         reply_to=tuple(reply_to), config=dict(cfg), signature=signature,
-        accept_binary=_expect(cfg, "accept_binary", bool, "accept_binary", default=False),
+        accept_binary=_expect(cfg, "accept_binary", bool, "accept_binary", default=False), split_key=split_key,
     )
 
 
@@ -4533,10 +4538,32 @@ def evaluate_webhook(wh: Webhook, payload: dict, headers: dict, query: dict) -> 
 
 def split_payload(wh: Webhook, payload: dict) -> list[dict]:
     """Each ``transform.split`` match becomes its own payload, its fields over the parent's."""
+    return [merged for merged, _ in split_items(wh, payload)]
+
+
+def split_items(wh: Webhook, payload: dict) -> list[tuple[dict, Any]]:
+    """(payload, the item as sent) for each ``transform.split`` match; one (payload, None) without split."""
     if wh.split is None:
-        return [payload]
-    items = jsonpath_values(wh.split, payload)
-    return [{**payload, **item} if isinstance(item, dict) else {**payload, "item": item} for item in items]
+        return [(payload, None)]
+    return [({**payload, **item} if isinstance(item, dict) else {**payload, "item": item}, item)
+            for item in jsonpath_values(wh.split, payload)]
+
+
+def split_item_key(wh: Webhook, item: Any) -> str:
+    """A split item's key, the same when the sender sends the group again: ``transform.split_key``,
+    else an Alertmanager alert's fingerprint, status and startsAt, else a hash of the item."""
+    if wh.split_key is not None:
+        return "item:" + to_text(jsonpath_value(wh.split_key, item))[:150]
+    if isinstance(item, dict) and item.get("fingerprint"):
+        return f"alert:{item['fingerprint']}:{item.get('status')}:{item.get('startsAt')}"[:200]
+    canonical = json.dumps(item, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "item:" + hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _duplicate_reply(earlier: Any) -> Response:
+    """The answer to a repeat: 200, the earlier delivery's id, status and response."""
+    return Response.json(200, {"success": True, "duplicate": True, "delivery_id": earlier["id"],
+                               "status": earlier["status"], "response": earlier["response"]})
 
 
 class App:
@@ -4873,7 +4900,7 @@ class App:
         delivery_id = new_id()
         key = dedupe_key_of(req.headers, payload)
         # async: the claim is part of the first job's commit (never a claim without its job); sync: first
-        atomic = bool(key) and mode == "async"
+        atomic = bool(key) and mode == "async" and wh.split is None  # split items claim their own keys
         try:
             if key and not atomic:
                 earlier = self.deliveries.claim(wh.name, key, delivery_id)
@@ -4883,8 +4910,7 @@ class App:
         except Duplicate as d:
             req.info.update(outcome="duplicate", delivery_id=d.earlier["id"])
             log.info("webhook %s: delivery %s repeats %s: not run again", wh.name, key, d.earlier["id"])
-            return Response.json(200, {"success": True, "duplicate": True, "delivery_id": d.earlier["id"],
-                                       "status": d.earlier["status"], "response": d.earlier["response"]})
+            return _duplicate_reply(d.earlier)
         except HTTPError:
             if key:  # refused (queue full, concurrency cap...): the sender's retry must run, not be a duplicate
                 self.deliveries.release(wh.name, key, delivery_id)
@@ -4894,9 +4920,8 @@ class App:
                        delivery_id: str, dedupe: tuple[str, str] | None = None) -> Response:
         """Map, filter, render and deliver each item of a payload (one unless ``transform.split``);
         ``dedupe`` goes with the first item that is delivered."""
-        items = split_payload(wh, payload)
         results = []
-        for i, item in enumerate(items):
+        for i, (item, raw_item) in enumerate(split_items(wh, payload)):
             ev = evaluate_webhook(wh, item, req.headers, req.query)
             item_id = delivery_id if i == 0 else new_id()
             if ev.filtered:
@@ -4907,18 +4932,36 @@ class App:
                 results.append(Response.json(200, {"success": True, "filtered": True, "reason": ev.filtered,
                                                    "event": ev.event, "delivery_id": item_id}))
                 continue
+            if wh.split is not None:  # each item is deduped by itself: a redelivered group runs only what failed
+                dedupe = (wh.name, split_item_key(wh, raw_item))
+                if mode == "sync":
+                    earlier = self.deliveries.claim(*dedupe, item_id)
+                    if earlier is not None:
+                        results.append(_duplicate_reply(earlier))
+                        continue
             try:
                 results.append(self.deliver(req, webhook=wh.name, agent=agent, message=ev.message, context=ev.context,
-                                            mode=mode, delivery_id=item_id, event=ev.event, wh=wh, dedupe=dedupe))
+                                            mode=mode, delivery_id=item_id, event=ev.event, wh=wh,
+                                            dedupe=dedupe if mode == "async" else None))
                 dedupe = None
+            except Duplicate as d:
+                if wh.split is None:
+                    raise
+                results.append(_duplicate_reply(d.earlier))
             except (AgentFailed, AgentTimeout) as e:
                 if wh.split is None:
                     raise
-                # one failed item must not hide the others' answers
+                # one failed item must not hide the others' answers (its record says failed: a redelivery runs it)
                 results.append(Response.json(e.status, {**e.body(), "delivery_id": item_id}))
+            except HTTPError:
+                if wh.split is not None and dedupe:  # refused before it ran: the sender's retry must run it
+                    self.deliveries.release(*dedupe, item_id)
+                raise
         if wh.split is None:
             return results[0]
         req.info["outcome"] = "split"
+        if results and all(json.loads(r.body).get("duplicate") for r in results):
+            req.info["outcome"] = "duplicate"
         docs = [json.loads(r.body) for r in results]
         failed = [r.status for r in results if r.status >= 500]
         if failed:

@@ -4732,6 +4732,50 @@ def test_alertmanager_split_gives_one_delivery_per_alert(gw):
     assert len({d["delivery_id"] for d in deliveries}) == 2
 
 
+def two_alerts() -> bytes:
+    doc = json.loads(ALERTMANAGER_SAMPLE)
+    second = json.loads(json.dumps(doc["alerts"][0]))
+    second.update(fingerprint="2b41cb82ddb3a032")
+    second["labels"].update(alertname="DiskFull")
+    doc["alerts"].append(second)
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_redelivered_group_runs_only_the_items_that_failed(gw, tmp_path, mode):
+    log_path = tmp_path / "runs.log"
+    add_append_agent(gw, "flaky", log_path, fail_first=True)  # its first run fails: the first alert's
+    create(gw, {"name": "am", "secret": "am-credentials", "agent": "flaky", "response_mode": mode,
+                "transform": {"split": "$.alerts[*]", "message_template": "{{ labels.alertname }}"}})
+    auth = {"Authorization": "Bearer am-credentials"}
+    first = post(gw, "am", two_alerts(), auth)
+    if mode == "sync":
+        assert first[0] == 502 and [d.get("success") for d in first[2]["deliveries"]] == [False, True]
+    else:
+        assert first[0] == 202
+        for d in first[2]["deliveries"]:
+            recorded(gw, d["delivery_id"])
+    again = post(gw, "am", two_alerts(), auth)  # Alertmanager sends the whole group again
+    if mode == "async":
+        assert [d.get("duplicate", False) for d in again[2]["deliveries"]] == [True, True]  # retried by the queue
+        return
+    assert again[0] == 200, again
+    assert [d.get("duplicate", False) for d in again[2]["deliveries"]] == [False, True]  # the reply says which ran
+    assert runs(log_path) == ["ProbeFailure", "DiskFull", "ProbeFailure"]  # DiskFull did not run twice
+
+
+def test_split_key_names_the_items(gw):
+    create(gw, {"name": "batch", "auth": "none", "transform": {"split": "$.events[*]", "split_key": "$.uid"}})
+    body = {"events": [{"uid": "a", "n": 1}, {"uid": "b", "n": 2}]}
+    assert [d.get("duplicate", False) for d in gw.request("POST", "/api/webhooks/batch", body)[2]["deliveries"]] == [False, False]
+    body["events"][1]["n"] = 3  # same uid: the same item, even with other fields changed
+    body["events"].append({"uid": "c"})
+    again = gw.request("POST", "/api/webhooks/batch", body)[2]["deliveries"]
+    assert [d.get("duplicate", False) for d in again] == [True, True, False]
+    assert_error(gw.admin_call("POST", "/api/webhooks", {"name": "x", "auth": "none", "transform": {"split_key": "$.a"}}),
+                 400, "invalid_config", "transform.split_key", "needs transform.split")
+
+
 def test_auth_list_restricts_the_accepted_schemes(gw):
     create(gw, {**GITHUB_CONFIG, "auth": ["github"]})
     status, _, body = post(gw, "github", PUSH_BODY, {"X-Webhook-Secret": GITHUB_SECRET, "X-GitHub-Event": "push"})
