@@ -1476,7 +1476,7 @@ class Condition:
 
 # --- event names and glob filters ---
 
-EVENT_HEADERS = ("x-github-event", "x-gitlab-event", "x-event-type", "x-event-key", "x-shopify-topic", "linear-event",
+EVENT_HEADERS = ("ce-type", "x-github-event", "x-gitlab-event", "x-event-type", "x-event-key", "x-shopify-topic", "linear-event",
                  "sentry-hook-resource", "x-gitea-event", "x-forgejo-event", "x-gogs-event")
 EVENT_FIELDS = ("event_type", "event", "type", "object_kind")
 # A sender's delivery id: the first of these headers, else a payload field of the sender whose signature came.
@@ -1488,6 +1488,8 @@ DEDUPE_FIELDS = {"stripe-signature": ("id",), "typeform-signature": ("event_id",
 
 def dedupe_key_of(headers: dict, payload: Any) -> str | None:
     """The sender's delivery id of a request (at most 200 characters), or None."""
+    if headers.get("ce-id"):  # a CloudEvent is unique by source and id
+        return f"ce:{headers.get('ce-source', '')}:{headers['ce-id']}"[:200]
     for name in DEDUPE_HEADERS:
         if headers.get(name):
             return headers[name][:200]
@@ -1514,6 +1516,23 @@ def event_type_of(headers: dict, payload: Any) -> str:
         if isinstance(event, dict):  # PagerDuty v3: {"event": {"event_type": "incident.triggered", ...}}
             return _nonempty(event.get("event_type")) or ""
     return ""
+
+
+CLOUDEVENTS_STRUCTURED = "application/cloudevents+json"
+CLOUDEVENTS_BATCH = "application/cloudevents-batch+json"
+
+
+def cloudevent(envelope: Any) -> tuple[dict, dict]:
+    """A structured-mode CloudEvent as (payload, its attributes as ``ce-*`` headers): the payload is its
+    ``data`` (an object; anything else under ``data``), as in binary mode, where the body is the data."""
+    if not isinstance(envelope, dict) or not all(isinstance(envelope.get(k), str) for k in ("specversion", "id", "source", "type")):
+        raise BadRequest("a CloudEvent must be an object with string specversion, id, source and type")
+    attributes = {f"ce-{k.lower()}": v if isinstance(v, str) else json_dumps(v)
+                  for k, v in envelope.items() if k not in ("data", "data_base64")}
+    data = envelope.get("data")
+    if "data_base64" in envelope:
+        return {"data_base64": envelope["data_base64"]}, attributes
+    return (data if isinstance(data, dict) else {} if data is None else {"data": data}), attributes
 
 
 def event_name_of(webhook: str, event_type: str, context: dict, payload: Any) -> str:
@@ -4509,7 +4528,8 @@ def evaluate_webhook(wh: Webhook, payload: dict, headers: dict, query: dict) -> 
     event_type = event_type_of(headers, payload)
     visible = safe_headers(headers)
     builtins = {"event_type": event_type, "webhook": wh.name, "payload": payload, "context": context,
-                "headers": visible, "query": query}
+                "headers": visible, "query": query,
+                "cloudevent": {k[3:]: v for k, v in headers.items() if k.startswith("ce-")}}
     scopes = [context, payload, builtins]
     if wh.event_template:
         event = wh.event_template.render(scopes)
@@ -4631,6 +4651,7 @@ class App:
             ("POST", r"/api/webhooks/(?P<name>[^/]+)/trigger", self.trigger, "webhook_or_admin"),
             ("GET", r"/api/webhooks/(?P<name>[^/]+)/deliveries", self.webhook_deliveries, "admin"),
             ("POST", r"/api/webhooks/(?P<name>[^/]+)", self.receive, "webhook"),
+            ("OPTIONS", r"/api/webhooks/(?P<name>[^/]+)", self.cloudevents_handshake, "public"),
             ("GET", r"/api/webhooks/(?P<name>[^/]+)", self.get_webhook, "admin"),
             ("PUT", r"/api/webhooks/(?P<name>[^/]+)", self.replace_webhook, "admin"),
             ("DELETE", r"/api/webhooks/(?P<name>[^/]+)", self.delete_webhook, "admin"),
@@ -4882,10 +4903,27 @@ class App:
 
     def _named(self, req: Request, admin_ok: bool) -> Response:
         wh = self._webhook(req, req.params["name"])  # authenticated by authorize(), over the raw bytes
-        payload = req.payload(wh.accept_binary)
+        mime = req.headers.get("content-type", "").split(";")[0].strip().lower()
+        if mime == CLOUDEVENTS_BATCH:  # each event its own delivery, deduped by its source and id
+            events = req.json()
+            if not isinstance(events, list):
+                raise BadRequest("a CloudEvents batch must be a JSON array of events")
+            payload, items = {}, []
+            for envelope in events:
+                data, attributes = cloudevent(envelope)
+                headers = {**req.headers, **attributes}
+                items.append((data, headers, dedupe_key_of(headers, data)))
+        else:
+            payload, headers = req.payload(wh.accept_binary), req.headers
+            if mime == CLOUDEVENTS_STRUCTURED:
+                payload, attributes = cloudevent(payload)
+                headers = req.headers = {**req.headers, **attributes}
+            items = [(merged, headers, split_item_key(wh, raw) if wh.split is not None else None)
+                     for merged, raw in split_items(wh, payload)]
+        many = wh.split is not None or mime == CLOUDEVENTS_BATCH
         dry_run = admin_ok and req.query.get("dry_run", "") not in ("", "0", "false")
         if dry_run:
-            items = [evaluate_webhook(wh, item, req.headers, req.query).dry_run() for item in split_payload(wh, payload)]
+            items = [evaluate_webhook(wh, item, item_headers, req.query).dry_run() for item, item_headers, _ in items]
             req.info["outcome"] = "dry_run"
             return Response.json(200, {"success": True, "dry_run": True, "webhook": wh.name, "agent": wh.agent,
                                        **(items[0] if len(items) == 1 else {"items": items})})
@@ -4898,15 +4936,15 @@ class App:
         agent = self._agent(req, wh.agent)
         # dedupe
         delivery_id = new_id()
-        key = dedupe_key_of(req.headers, payload)
+        key = dedupe_key_of(req.headers, payload) if mime != CLOUDEVENTS_BATCH else None
         # async: the claim is part of the first job's commit (never a claim without its job); sync: first
-        atomic = bool(key) and mode == "async" and wh.split is None  # split items claim their own keys
+        atomic = bool(key) and mode == "async" and not many  # the items of a split or batch claim their own keys
         try:
             if key and not atomic:
                 earlier = self.deliveries.claim(wh.name, key, delivery_id)
                 if earlier is not None:
                     raise Duplicate(earlier)
-            return self._deliver_items(req, wh, agent, payload, mode, delivery_id, (wh.name, key) if atomic else None)
+            return self._deliver_items(req, wh, agent, items, many, mode, delivery_id, (wh.name, key) if atomic else None)
         except Duplicate as d:
             req.info.update(outcome="duplicate", delivery_id=d.earlier["id"])
             log.info("webhook %s: delivery %s repeats %s: not run again", wh.name, key, d.earlier["id"])
@@ -4916,13 +4954,14 @@ class App:
                 self.deliveries.release(wh.name, key, delivery_id)
             raise
 
-    def _deliver_items(self, req: Request, wh: Webhook, agent: AgentConfig, payload: dict, mode: str,
+    def _deliver_items(self, req: Request, wh: Webhook, agent: AgentConfig, items: list, many: bool, mode: str,
                        delivery_id: str, dedupe: tuple[str, str] | None = None) -> Response:
-        """Map, filter, render and deliver each item of a payload (one unless ``transform.split``);
-        ``dedupe`` goes with the first item that is delivered."""
+        """Map, filter, render and deliver each (payload, headers, item key) of a request: one, or
+        ``many`` (``transform.split``, a CloudEvents batch), each item deduped by its key.
+        ``dedupe`` (the request's own) goes with the first item that is delivered."""
         results = []
-        for i, (item, raw_item) in enumerate(split_items(wh, payload)):
-            ev = evaluate_webhook(wh, item, req.headers, req.query)
+        for i, (item, item_headers, item_key) in enumerate(items):
+            ev = evaluate_webhook(wh, item, item_headers, req.query)
             item_id = delivery_id if i == 0 else new_id()
             if ev.filtered:
                 log.info("webhook %s: event %s filtered: %s", wh.name, ev.event, ev.filtered)
@@ -4932,9 +4971,9 @@ class App:
                 results.append(Response.json(200, {"success": True, "filtered": True, "reason": ev.filtered,
                                                    "event": ev.event, "delivery_id": item_id}))
                 continue
-            if wh.split is not None:  # each item is deduped by itself: a redelivered group runs only what failed
-                dedupe = (wh.name, split_item_key(wh, raw_item))
-                if mode == "sync":
+            if many:  # each item is deduped by itself: a redelivered group runs only what failed
+                dedupe = (wh.name, item_key) if item_key else None
+                if dedupe and mode == "sync":
                     earlier = self.deliveries.claim(*dedupe, item_id)
                     if earlier is not None:
                         results.append(_duplicate_reply(earlier))
@@ -4945,19 +4984,19 @@ class App:
                                             dedupe=dedupe if mode == "async" else None))
                 dedupe = None
             except Duplicate as d:
-                if wh.split is None:
+                if not many:
                     raise
                 results.append(_duplicate_reply(d.earlier))
             except (AgentFailed, AgentTimeout) as e:
-                if wh.split is None:
+                if not many:
                     raise
                 # one failed item must not hide the others' answers (its record says failed: a redelivery runs it)
                 results.append(Response.json(e.status, {**e.body(), "delivery_id": item_id}))
             except HTTPError:
-                if wh.split is not None and dedupe:  # refused before it ran: the sender's retry must run it
+                if many and dedupe:  # refused before it ran: the sender's retry must run it
                     self.deliveries.release(*dedupe, item_id)
                 raise
-        if wh.split is None:
+        if not many:
             return results[0]
         req.info["outcome"] = "split"
         if results and all(json.loads(r.body).get("duplicate") for r in results):
@@ -4971,6 +5010,20 @@ class App:
             return Response.json(max(failed), {"success": False, "code": "agent_failed", "deliveries": docs,
                                                "error": f"{len(failed)} of {len(docs)} deliveries failed"})
         return Response.json(202 if mode == "async" else 200, {"success": True, "deliveries": docs})
+
+    def cloudevents_handshake(self, req: Request) -> Response:
+        """The CloudEvents webhook validation handshake (OPTIONS with WebHook-Request-Origin)."""
+        self._webhook(req, req.params["name"])
+        headers = {"Allow": "POST, OPTIONS"}
+        origin = req.headers.get("webhook-request-origin", "")
+        if origin:
+            if not re.fullmatch(r"[A-Za-z0-9.:*-]{1,253}", origin):
+                raise BadRequest("WebHook-Request-Origin must be a host name")
+            headers["WebHook-Allowed-Origin"] = origin
+            if req.headers.get("webhook-request-rate"):
+                headers["WebHook-Allowed-Rate"] = "*"
+        req.info["outcome"] = "handshake"
+        return Response(200, b"", headers)
 
     # --- admin: webhooks ---
 

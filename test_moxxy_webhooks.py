@@ -3844,7 +3844,8 @@ def test_every_route_refuses_callers_without_the_right_credentials(gateway):
     assert g.admin_call("POST", "/api/webhooks", {"name": "gh", "secret": "right-secret"})[0] == 201
     delivery = g.generic({"message": "hi", "response_mode": "async"})[2]["delivery_id"]
     public = {(r.method, r.name) for r in g.app.routes if r.access == "public"}
-    assert public == {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/api/openapi.json")}
+    assert public == {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/api/openapi.json"),
+                      ("OPTIONS", "/api/webhooks/{name}")}  # the CloudEvents handshake: it runs nothing
     for route in g.app.routes:
         if route.access == "public":
             continue
@@ -4652,6 +4653,53 @@ def test_a_binary_body_is_a_415_unless_the_webhook_takes_it(gw):
 def test_text_that_is_not_its_charset_is_a_400(gw):
     create(gw, {"name": "txt", "auth": "none"})
     assert_error(post(gw, "txt", b"\xff\xfe", {"Content-Type": "text/plain"}), 400, "invalid_request", "utf-8")
+
+
+
+# --- named webhooks: CloudEvents ---
+
+
+def ce_event(event_id: str = "A234-1234-1234", data=None):
+    from cloudevents.v1.http import CloudEvent
+    return CloudEvent({"type": "com.example.order.created", "source": "/shop/orders", "id": event_id,
+                       "subject": "order-17"}, data if data is not None else {"message": "order 17 paid"})
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_cloudevents_binary_and_structured_reach_the_template_and_dedupe(gw, mode):
+    from cloudevents.v1.http import to_binary, to_structured
+    create(gw, {"name": "ce", "auth": "none",
+                "transform": {"message_template": "{{cloudevent.type}} from {{cloudevent.source}}: {{message}}"}})
+    headers, body = (to_binary if mode == "binary" else to_structured)(ce_event())
+    status, _, reply = post(gw, "ce", body, dict(headers))
+    assert status == 200, reply
+    assert reply["response"] == "com.example.order.created from /shop/orders: order 17 paid"
+    assert recorded(gw, reply["delivery_id"])["event"] == "com.example.order.created"
+    assert post(gw, "ce", body, dict(headers))[2]["duplicate"] is True  # the same source and id
+
+
+def test_a_cloudevents_batch_is_one_delivery_per_event(gw):
+    from cloudevents.v1.conversion import to_dict
+    create(gw, {"name": "batch", "auth": "none", "transform": {"message_template": "{{cloudevent.id}}: {{message}}"}})
+    events = [to_dict(ce_event("e-1", {"message": "first"})), to_dict(ce_event("e-2", {"message": "second"}))]
+    raw = json.dumps(events).encode()
+    status, _, reply = post(gw, "batch", raw, {"Content-Type": "application/cloudevents-batch+json"})
+    assert status == 200, reply
+    assert [d["response"] for d in reply["deliveries"]] == ["e-1: first", "e-2: second"]
+    again = post(gw, "batch", raw, {"Content-Type": "application/cloudevents-batch+json"})[2]
+    assert [d["duplicate"] for d in again["deliveries"]] == [True, True]
+    bad = post(gw, "batch", b'[{"id": "x"}]', {"Content-Type": "application/cloudevents-batch+json"})
+    assert_error(bad, 400, "invalid_request", "specversion")
+
+
+def test_the_cloudevents_validation_handshake(gw):
+    create(gw, {"name": "grid", "secret": "s"})
+    status, headers, _ = gw.request("OPTIONS", "/api/webhooks/grid", headers={
+        "WebHook-Request-Origin": "eventemitter.example.com", "WebHook-Request-Rate": "120"})
+    assert status == 200
+    assert headers["webhook-allowed-origin"] == "eventemitter.example.com" and headers["allow"] == "POST, OPTIONS"
+    assert headers["webhook-allowed-rate"] == "*"
+    assert gw.request("OPTIONS", "/api/webhooks/nope")[0] == 404
 
 
 
