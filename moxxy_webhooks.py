@@ -788,6 +788,24 @@ def _auth_scheme(authorization: str | None) -> str:
     return (authorization or "").strip().partition(" ")[0].lower()
 
 
+def verify_twilio_signature(auth_token: str, url: str | None, body: bytes, signature: str | None, form: bool) -> bool:
+    """Check ``X-Twilio-Signature``: base64 HMAC-SHA1 of the public URL plus the sorted form fields; a
+    JSON body is signed through the URL's ``bodySHA256`` (the hex SHA-256 of the body)."""
+    if not (auth_token and url and signature):
+        return False
+    data, body_ok = url, True
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    if "bodySHA256" in query:
+        body_ok = secrets_equal(hashlib.sha256(body).hexdigest(), query["bodySHA256"][0].lower())
+    elif form:
+        fields: dict = {}
+        for key, value in urllib.parse.parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True):
+            fields.setdefault(key, set()).add(value)
+        data += "".join(key + value for key in sorted(fields) for value in sorted(fields[key]))
+    expected = base64.b64encode(hmac.new(_b(auth_token), data.encode(), hashlib.sha1).digest()).decode()
+    return secrets_equal(signature.strip(), expected) and body_ok
+
+
 SIGNED_PAYLOADS = ("{body}", "{timestamp}.{body}", "{id}.{timestamp}.{body}")
 HASHES = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512}
 
@@ -909,10 +927,15 @@ AUTH_CHECKS: dict[str, Callable[[str, dict, bytes, float], bool]] = {
     "bearer": lambda s, h, b, now: _auth_scheme(h.get("authorization")) == "bearer" and verify_authorization(s, h.get("authorization")),
     "basic": lambda s, h, b, now: _auth_scheme(h.get("authorization")) == "basic" and verify_authorization(s, h.get("authorization")),
     **{name: preset.verify for name, preset in SIGNATURE_PRESETS.items()},
+    # Twilio signs the URL it called: the application passes the configured public URL as ":public-url"
+    "twilio": lambda s, h, b, now: verify_twilio_signature(
+        s, h.get(":public-url"), b, h.get("x-twilio-signature"),
+        h.get("content-type", "").startswith("application/x-www-form-urlencoded")),
 }
 SECRET_HEADERS = frozenset({"authorization", "cookie", "x-webhook-secret", "x-gitlab-token", "x-hub-signature",
                             "x-hub-signature-256", "webhook-signature", "svix-signature", "x-slack-signature",
                             "x-signature-ed25519", "x-telegram-bot-api-secret-token", "proxy-authorization",
+                            "x-twilio-signature",
                             *(h for preset in SIGNATURE_PRESETS.values() for h in preset.headers)})
 
 
@@ -1575,7 +1598,7 @@ def glob_match(globs: tuple, name: str) -> str | None:
 # === Model ===
 
 AGENT_KINDS = ("echo", "command", "http", "openai")
-AUTH_SCHEMES = ("header", "github", "standard", "gitlab", "bearer", "basic", *SIGNATURE_PRESETS, "signature")
+AUTH_SCHEMES = ("header", "github", "standard", "gitlab", "bearer", "basic", *SIGNATURE_PRESETS, "twilio", "signature")
 BUILTIN_DEFAULT_AGENT = {"kind": "echo"}
 
 
@@ -1701,7 +1724,7 @@ def validate_agent(name: str, cfg: Any) -> AgentConfig:
 
 WEBHOOK_FIELDS = {"name", "agent", "secret", "previous_secrets", "response_mode", "transform", "filters",
                   "allowed_ips", "enabled", "auth", "max_concurrency", "timeout", "reply_to", "description",
-                  "created_at", "updated_at", "signature", "accept_binary"}
+                  "created_at", "updated_at", "signature", "accept_binary", "public_url"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1729,6 +1752,7 @@ class Webhook:
     signature: SignatureScheme | None = None  # the webhook's own "signature", for auth scheme "signature"
     accept_binary: bool = False  # a binary body becomes {"body_base64", ...} instead of a 415
     split_key: Any = None  # JSONPath naming a split item (its dedupe key)
+    public_url: str | None = None  # the URL the sender calls, for schemes that sign it (Twilio)
 
     def valid_secrets(self, now: float) -> list[str]:
         """The secrets accepted now (a rotated-out one until its grace ends); references resolved, fail closed."""
@@ -1834,6 +1858,7 @@ def validate_webhook(name: str, cfg: Any, agents: dict) -> Webhook:
         max_concurrency=concurrency, timeout=_timeout(cfg, "", None),
         reply_to=tuple(reply_to), config=dict(cfg), signature=signature,
         accept_binary=_expect(cfg, "accept_binary", bool, "accept_binary", default=False), split_key=split_key,
+        public_url=_url(cfg["public_url"], "public_url") if cfg.get("public_url") is not None else None,
     )
 
 
@@ -1878,8 +1903,11 @@ def empty_config() -> dict:
 # --- changes to the config, shared by the admin API and the CLI ---
 
 
-def save_webhook(store: ConfigStore, name: str, cfg: dict, create: bool) -> tuple[dict, str | None]:
-    """Create or replace a webhook under the file lock; return (stored config, generated secret or None)."""
+def save_webhook(store: ConfigStore, name: str, cfg: dict, create: bool,
+                 public_base: str | None = None) -> tuple[dict, str | None]:
+    """Create or replace a webhook under the file lock; return (stored config, generated secret or None).
+
+    ``public_base`` is vault ``public_url``, the gateway's external base URL (for Twilio)."""
     cfg = {k: v for k, v in cfg.items() if k != "name" and k != "has_secret"}
     generated = None
 
@@ -1909,6 +1937,10 @@ def save_webhook(store: ConfigStore, name: str, cfg: dict, create: bool) -> tupl
         new["updated_at"] = now
         agents = {"default": True, **doc.get("agents", {})}
         validate_webhook(name, new, agents)
+        if isinstance(new.get("auth"), list) and "twilio" in new["auth"] and not new.get("public_url") and not public_base:
+            raise ConfigError("public_url", "is required with twilio, which signs the URL it calls: set it to the URL "
+                                            "in the Twilio console, or set vault public_url to the gateway's external "
+                                            "base URL (e.g. https://hooks.example.com)")
         hooks[name] = new
         return new, generated
 
@@ -4780,13 +4812,24 @@ class App:
             wh = self._webhook(req, req.params["name"])
             req.info["webhook"] = key = wh.name
             who = f"webhook '{wh.name}'"
+            headers = req.headers
+            if wh.auth is not None and "twilio" in wh.auth:
+                headers = {**req.headers, ":public-url": self._public_url(req, wh)}  # never from Host/X-Forwarded-*
             if wh.auth is not None and not (
-                    authenticate(wh.valid_secrets(clock()), [s for s in AUTH_SCHEMES if s in wh.auth], req.headers,
+                    authenticate(wh.valid_secrets(clock()), [s for s in AUTH_SCHEMES if s in wh.auth], headers,
                                  req.body, clock(), wh.signature)
                     or (access == "webhook_or_admin" and self._is_admin(req))):
                 raise Unauthorized(f"missing or wrong signature or secret for webhook '{wh.name}' "
                                    f"(accepted: {', '.join(s for s in AUTH_SCHEMES if s in wh.auth)})")
         self._rate_limit(self.hook_limiter, key, req, who)
+
+    def _public_url(self, req: Request, wh: Webhook) -> str | None:
+        """The URL the sender called, from configuration: the webhook's public_url or vault public_url."""
+        query = req.target.partition("?")[2]
+        if wh.public_url:
+            return wh.public_url.split("?")[0] + (f"?{query}" if query else "")
+        base = req.vault.get("public_url")
+        return base.rstrip("/") + req.path + (f"?{query}" if query else "") if base else None
 
     def require_admin(self, req: Request) -> None:
         token = req.vault.get("admin_token")
@@ -5044,7 +5087,7 @@ class App:
         doc = req.json_object()
         self._no_references(doc)
         name = _field(doc, "name", str, required=True)
-        cfg, shown = save_webhook(self.store, name, doc, create=True)
+        cfg, shown = save_webhook(self.store, name, doc, create=True, public_base=req.vault.get("public_url"))
         out = self._webhook(None, name).public()
         if shown:
             out["secret"] = shown
@@ -5057,7 +5100,7 @@ class App:
         name = req.params["name"]
         if doc.get("name", name) != name:
             raise BadRequest(f"'name' in the body ({doc['name']!r}) differs from the URL ({name!r}); renaming is not supported")
-        save_webhook(self.store, name, doc, create=False)
+        save_webhook(self.store, name, doc, create=False, public_base=req.vault.get("public_url"))
         return Response.json(200, self._webhook(None, name).public())
 
     def delete_webhook(self, req: Request) -> Response:
@@ -5955,7 +5998,8 @@ def create(state: CliState, name: str, as_json: bool, **kw) -> None:
     cfg = _config_from_options({}, kw)
     cfg.pop("name", None)
     with _errors():
-        stored, generated = save_webhook(state.writable().store, name, cfg, create=True)
+        stored, generated = save_webhook(state.writable().store, name, cfg, create=True,
+                                         public_base=state.vault.get("public_url"))
     if as_json:
         _echo_json({"name": name, "secret": generated} if generated else {"name": name})
         return
@@ -5974,7 +6018,8 @@ def update(state: CliState, name: str, **kw) -> None:
         current = state.store.read_raw().get("webhooks", {}).get(name)
         if current is None:
             raise NotFound(f"unknown webhook '{name}'")
-        save_webhook(state.store, name, _config_from_options(current, kw), create=False)
+        save_webhook(state.store, name, _config_from_options(current, kw), create=False,
+                     public_base=state.vault.get("public_url"))
     click.echo(f"Updated webhook '{name}'")
 
 

@@ -819,10 +819,21 @@ def preset_headers(name: str, secret: str, body: bytes, ts: int) -> dict:
         "gitea": lambda: {"x-gitea-signature": _mac(secret, body).hex()},
         "bitbucket": lambda: {"x-hub-signature": "sha256=" + _mac(secret, body).hex()},
         "typeform": lambda: {"typeform-signature": "sha256=" + b64(_mac(secret, body))},
+        "twilio": lambda: twilio_headers(secret, f"{TWILIO_URL}?bodySHA256={hashlib.sha256(body).hexdigest()}"),
     }[name]()
 
 
-PRESETS = ("stripe", "shopify", "linear", "sentry", "pagerduty", "gitea", "bitbucket", "typeform")
+TWILIO_URL = "https://hooks.example.com/api/webhooks/sms"
+
+
+def twilio_headers(token: str, url: str, params: dict | None = None) -> dict:
+    """Signed by Twilio's own library, as Twilio signs the URL it calls; ":public-url" is what the app
+    passes the check (from the webhook's configured public_url)."""
+    from twilio.request_validator import RequestValidator
+    return {":public-url": url, "x-twilio-signature": RequestValidator(token).compute_signature(url, params or {})}
+
+
+PRESETS = ("stripe", "shopify", "linear", "sentry", "pagerduty", "gitea", "bitbucket", "typeform", "twilio")
 CHECKED_SCHEMES = [s for s in mw.AUTH_SCHEMES if s != "signature"]  # "signature" is each webhook's own
 
 
@@ -4584,6 +4595,31 @@ def test_provider_presets_verify_name_the_event_and_dedupe(gw, preset, body, ext
     assert_error(post(gw, "shop", body, extra), 401, "unauthorized")  # no signature header
 
 
+def test_twilio_signs_the_configured_public_url_and_the_form_fields(gw):
+    from twilio.request_validator import RequestValidator
+    assert_error(gw.admin_call("POST", "/api/webhooks", {"name": "sms", "secret": "tok", "auth": ["twilio"]}),
+                 400, "invalid_config", "public_url", "Twilio console")
+    create(gw, {"name": "sms", "secret": "tok", "auth": ["twilio"], "public_url": TWILIO_URL,
+                "transform": {"message_template": "SMS from {{From}}: {{Body}}"}})
+    fields = {"From": "+14158675310", "Body": "Ahoy", "MessageSid": "SM123"}
+    raw = urllib.parse.urlencode(fields).encode()
+    signature = RequestValidator("tok").compute_signature(TWILIO_URL, fields)
+    form = {"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": signature,
+            "Host": "internal:17890", "X-Forwarded-Host": "evil.example"}  # neither is used to rebuild the URL
+    status, _, reply = post(gw, "sms", raw, form)
+    assert status == 200 and reply["response"] == "SMS from +14158675310: Ahoy", reply
+    assert_error(post(gw, "sms", raw.replace(b"Ahoy", b"Ahoj"), form), 401, "unauthorized")
+    # a JSON body: Twilio puts its SHA-256 in the URL and signs the URL; vault public_url is the base
+    gw.vault_set("public_url", "https://hooks.example.com")
+    create(gw, {"name": "flow", "secret": "tok", "auth": ["twilio"]})
+    body = b'{"event": "studio.flow"}'
+    query = f"bodySHA256={hashlib.sha256(body).hexdigest()}"
+    url = f"https://hooks.example.com/api/webhooks/flow?{query}"
+    signed = {"X-Twilio-Signature": RequestValidator("tok").compute_signature(url, {}), "Content-Type": "application/json"}
+    assert post(gw, "flow", body, signed, query="?" + query)[0] == 200
+    assert_error(post(gw, "flow", body + b" ", signed, query="?" + query), 401, "unauthorized")
+
+
 def test_linear_timestamp_older_than_a_minute_is_refused(gw):
     create(gw, {"name": "linear", "secret": "lin", "auth": ["linear"]})
     body = json.dumps({"action": "create", "webhookTimestamp": int((time.time() - 61) * 1000)}).encode()
@@ -5794,7 +5830,7 @@ def test_create_reserved_name_is_refused(runner, name):
     (["--agent", "ghost"],
      "Error: agent: unknown agent 'ghost' (add it with 'moxxy-webhooks agent add')"),
     (["--auth", "nope"],
-     'Error: auth: must be "none" or a list drawn from header, github, standard, gitlab, bearer, basic, stripe, shopify, linear, sentry, pagerduty, gitea, bitbucket, typeform, signature'),
+     'Error: auth: must be "none" or a list drawn from header, github, standard, gitlab, bearer, basic, stripe, shopify, linear, sentry, pagerduty, gitea, bitbucket, typeform, twilio, signature'),
 ])
 def test_create_bad_config_names_the_field_and_position(runner, args, error):
     result = runner("create", "bad", "--secret", "s", *args)
