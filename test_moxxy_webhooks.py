@@ -4703,7 +4703,7 @@ def ce_event(event_id: str = "A234-1234-1234", data=None):
 
 @pytest.mark.parametrize("mode", ["binary", "structured"])
 def test_cloudevents_binary_and_structured_reach_the_template_and_dedupe(gw, mode):
-    from cloudevents.v1.http import to_binary, to_structured
+    from cloudevents.v1.conversion import to_binary, to_structured
     create(gw, {"name": "ce", "auth": "none",
                 "transform": {"message_template": "{{cloudevent.type}} from {{cloudevent.source}}: {{message}}"}})
     headers, body = (to_binary if mode == "binary" else to_structured)(ce_event())
