@@ -34,6 +34,7 @@ import dataclasses
 import concurrent.futures
 import datetime
 import email.utils
+import errno
 import fcntl
 import fnmatch
 import functools
@@ -3825,7 +3826,7 @@ class DeliveryEngine:
         if row is None:
             raise NotFound(f"unknown delivery '{delivery_id}'")
         if row["status"] != "failed" or row["message"] is None:
-            raise Conflict(f"delivery '{row['id']}' is {row['status']}: only failed deliveries can be replayed")
+            raise Conflict(f"delivery '{row['id']}' has status {row['status']}: only failed deliveries can be replayed")
         with self._pending_lock:
             self._pending += 1
         try:
@@ -5747,7 +5748,8 @@ def _configure_logging(level: str, fmt: str, log_file: str | None) -> None:
 
 @cli.command()
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on.")
-@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int, help="Port (0 picks a free one).")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535),
+              help="Port (0 picks a free one).")
 @click.option("--max-body", default=DEFAULT_MAX_BODY, show_default=True, type=int, help="Body limit in bytes.")
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 256), help="Async worker threads.")
 @click.option("--queue-size", default=1000, show_default=True, type=click.IntRange(1), help="Async jobs held at once.")
@@ -5794,6 +5796,10 @@ def serve(state: CliState, **kw) -> None:
                       allow_api_exec=kw["allow_api_exec"], log_bodies=kw["log_bodies"],
                       metrics_admin=kw["metrics_admin"], tls_cert=kw["tls_cert"], tls_key=kw["tls_key"],
                       lease=kw["lease"])
+    running = None if state.database_url else running_server(state.paths)
+    if running:
+        raise click.ClickException(f"a server (pid {running['pid']}) is already running on {state.paths.root} at "
+                                   f"{running['url']}: stop it first, or use another --data-dir")
     app = App(state.paths, options, state.backend)
     with _errors():
         made = app.start()
@@ -5804,11 +5810,16 @@ def serve(state: CliState, **kw) -> None:
         raise click.ClickException(f"cannot use --tls-cert/--tls-key: {e.reason or e}") from None
     except OSError as e:
         app.stop(0)
-        raise click.ClickException(f"cannot listen on {options.host}:{options.port}: {e.strerror or e} "
-                                   "(another server on that port? choose one with --port)") from None
+        if getattr(e, "errno", None) == errno.EADDRINUSE:
+            hint = "another server on that port? choose one with --port"
+        elif getattr(e, "errno", None) in (errno.EACCES, errno.EPERM):
+            hint = "ports below 1024 need privileges; choose one with --port"
+        else:
+            hint = "--host must be an address of this machine, such as 127.0.0.1, 0.0.0.0 or ::"
+        raise click.ClickException(f"cannot listen on {options.host}:{options.port}: {e.strerror or e} ({hint})") from None
     if made:
         click.echo(f"Generated {' and '.join(made)} in {state.paths.vault if not state.database_url else state.backend.where}. Read them with:\n"
-                   + "".join(f"  moxxy-webhooks vault get {k}\n" for k in made), err=True)
+                   + "".join(f"  {_invocation(state)} vault get {k}\n" for k in made), err=True)
     with contextlib.suppress(VaultError):
         if state.vault.get("discord_public_key") and not ed25519_available():
             log.warning("discord_public_key is set but cryptography is not installed: "
@@ -5848,9 +5859,34 @@ def serve(state: CliState, **kw) -> None:
         deadline = time.monotonic() + 2.0
         while server.active() and time.monotonic() < deadline:
             time.sleep(0.05)
-        with contextlib.suppress(OSError):
-            os.unlink(state.paths.server)
+        if (running_server(state.paths) or {}).get("pid") == os.getpid():  # only our own, never another's
+            with contextlib.suppress(OSError):
+                os.unlink(state.paths.server)
         log.info("stopped")
+
+
+def running_server(paths: Paths) -> dict | None:
+    """The server.json of a server that still runs on this data directory, or None."""
+    try:
+        with open(paths.server, encoding="utf-8") as f:
+            doc = json.load(f)
+        os.kill(int(doc["pid"]), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # it runs, as another user
+        return doc
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return doc if int(doc["pid"]) != os.getpid() else doc
+
+
+def _invocation(state: CliState) -> str:
+    """How this CLI was started, for hints people copy: the command, and --data-dir when one was given."""
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "moxxy-webhooks"
+    command = f"python3 {sys.argv[0]}" if program.endswith(".py") else "moxxy-webhooks"
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root().params.get("data_dir") if ctx else None
+    return command + (f" --data-dir {shlex.quote(root)}" if root else "")
 
 
 def network_filesystem(path: str, mounts: str = "/proc/mounts") -> str | None:
@@ -5931,8 +5967,8 @@ def import_dir(state: CliState, source: str) -> None:
 
 def _webhook_options(func):
     for decorator in reversed([
-        click.option("--agent", help="Agent that receives the messages [default: default]."),
-        click.option("--secret", help="Shared secret (generated and shown once when omitted)."),
+        click.option("--agent", help="Agent that receives the messages (create: default)."),
+        click.option("--secret", help="Shared secret (create: generated and shown once when omitted)."),
         click.option("--template", help="Message template, e.g. 'GitHub {{event_type}} on {{repository.full_name}}'."),
         click.option("--map", "mapping", multiple=True, metavar="KEY=JSONPATH", help="Context mapping (repeatable)."),
         click.option("--include", multiple=True, help="Event glob to accept (repeatable)."),
@@ -5949,7 +5985,7 @@ def _webhook_options(func):
     return func
 
 
-def _config_from_options(base: dict, kw: dict) -> dict:
+def _config_from_options(base: dict, kw: dict, name: str | None = None) -> dict:
     """Merge CLI options into a webhook config (``--from-json`` replaces it)."""
     cfg = dict(base)
     if kw.get("from_json"):
@@ -5959,6 +5995,9 @@ def _config_from_options(base: dict, kw: dict) -> dict:
             raise click.ClickException(f"--from-json: not valid JSON: {e}") from None
         if not isinstance(cfg, dict):
             raise click.ClickException("--from-json: the config must be a JSON object")
+        if name is not None and cfg.get("name", name) != name:
+            raise click.ClickException(f"--from-json names webhook {cfg['name']!r}, not {name!r}: renaming is not "
+                                       "supported (drop \"name\" or make it match)")
     for key, opt in (("agent", "agent"), ("secret", "secret"), ("response_mode", "mode")):
         if kw.get(opt):
             cfg[key] = kw[opt]
@@ -5995,7 +6034,7 @@ def _config_from_options(base: dict, kw: dict) -> dict:
 @pass_state
 def create(state: CliState, name: str, as_json: bool, **kw) -> None:
     """Create a named webhook (POST /api/webhooks/NAME receives it)."""
-    cfg = _config_from_options({}, kw)
+    cfg = _config_from_options({}, kw, name)
     cfg.pop("name", None)
     with _errors():
         stored, generated = save_webhook(state.writable().store, name, cfg, create=True,
@@ -6011,15 +6050,20 @@ def create(state: CliState, name: str, as_json: bool, **kw) -> None:
 @cli.command()
 @click.argument("name")
 @_webhook_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_state
-def update(state: CliState, name: str, **kw) -> None:
-    """Change a webhook: given options replace those fields, the rest stays."""
+def update(state: CliState, name: str, as_json: bool, **kw) -> None:
+    """Change a webhook: each option given replaces that field; the others stay as they are
+    (--from-json replaces the whole config, keeping the secret and created_at)."""
     with _errors():
         current = state.store.read_raw().get("webhooks", {}).get(name)
         if current is None:
             raise NotFound(f"unknown webhook '{name}'")
-        save_webhook(state.store, name, _config_from_options(current, kw), create=False,
-                     public_base=state.vault.get("public_url"))
+        stored, _ = save_webhook(state.store, name, _config_from_options(current, kw, name), create=False,
+                                 public_base=state.vault.get("public_url"))
+    if as_json:
+        _echo_json({"name": name, **{k: v for k, v in stored.items() if k not in ("secret", "previous_secrets")}})
+        return
     click.echo(f"Updated webhook '{name}'")
 
 
@@ -6094,7 +6138,8 @@ def disable(state: CliState, name: str) -> None:
 
 @cli.command()
 @click.argument("name")
-@click.option("--grace", default=24.0, show_default=True, type=float, help="Hours the old secret stays valid.")
+@click.option("--grace", default=24.0, show_default=True, type=click.FloatRange(min=0),
+              help="Hours the old secret stays valid (0: it stops at once).")
 @pass_state
 def rotate(state: CliState, name: str, grace: float) -> None:
     """Issue a new secret; the old one stays valid for the grace period."""
@@ -6108,7 +6153,8 @@ def rotate(state: CliState, name: str, grace: float) -> None:
         cfg["secret"], cfg["previous_secrets"] = new, old
 
     _set_field(state, name, change)
-    click.echo(f"New secret for '{name}' (shown once): {new}\nThe old secret stays valid for {grace:g} hours.")
+    click.echo(f"New secret for '{name}' (shown once): {new}\nThe old secret stays valid for {grace:g} "
+               f"hour{'' if grace == 1 else 's'}.")
 
 
 @cli.command(name="test")
@@ -6174,6 +6220,12 @@ def _check(state: CliState) -> None:
             validate_webhook(name, cfg, agents)
         except HTTPError as e:
             problems.append(f"webhook '{name}': {e.message}")
+            continue
+        for ref in references_in(cfg):  # a secret that does not resolve makes the webhook answer 503
+            try:
+                resolve_reference(ref, f"webhook '{name}'")
+            except VaultError as e:
+                problems.append(f"webhook '{name}': {ref} does not resolve ({e.detail})")
     try:
         doc = state.vault.file.read_raw()
         for key, value in doc.items():
@@ -6265,11 +6317,23 @@ def agent_add(state: CliState, name: str, command, url, openai_url, model, syste
     if len(kinds) != 1:
         raise click.UsageError("give exactly one of --command, --url, --openai or --echo")
     cfg: dict = {"kind": kinds[0]}
+    misplaced = [flag for flag, given, kind in (("--env", env_vars, "command"), ("--generic", generic, "command"),
+                                                ("--header", header, "http or openai"), ("--model", model, "openai"),
+                                                ("--system", system, "openai"), ("--api-key", api_key, "openai"))
+                 if given and kinds[0] not in kind.split(" or ")]
+    if misplaced:
+        article = "an" if kinds[0][0] in "aeio" else "a"
+        raise click.UsageError(f"{', '.join(misplaced)} {'does' if len(misplaced) == 1 else 'do'} not apply to "
+                               f"{article} {kinds[0]} agent")
     if command:
         try:
             cfg["argv"] = shlex.split(command)
         except ValueError as e:
             raise click.UsageError(f"--command: {e}") from None
+        program = cfg["argv"][0] if cfg["argv"] else ""
+        if program and not shutil.which(program):
+            raise click.ClickException(f"--command: {program!r} is not an executable on PATH "
+                                       "(give its full path, or install it first)")
         if env_vars:
             cfg["env"] = dict(v.partition("=")[::2] for v in env_vars)
         cfg["generic"] = generic
@@ -6389,6 +6453,10 @@ def deliveries(ctx: click.Context, webhook, status, limit, as_json) -> None:
     if ctx.invoked_subcommand:
         return
     state: CliState = ctx.obj
+    if webhook and webhook not in RESERVED_NAMES:
+        with _errors():
+            if webhook not in state.config().webhooks:
+                raise NotFound(f"unknown webhook '{webhook}' (list them with 'moxxy-webhooks list')")
     if not state.database_url and not os.path.exists(state.paths.db):
         rows = []
     else:

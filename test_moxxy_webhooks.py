@@ -5769,8 +5769,11 @@ def test_create_from_json_file_with_the_seed_alert_webhook(runner, tmp_path):
 
 
 def test_create_from_json_stdin_and_options_override_it(runner):
-    result = runner("create", "from-stdin", "--from-json", "-", "--mode", "async", input=json.dumps(SEED_ALERT))
+    result = runner("create", "from-stdin", "--from-json", "-", "--mode", "async",
+                    input=json.dumps({k: v for k, v in SEED_ALERT.items() if k != "name"}))
     assert result.exit_code == 0, result.output
+    other = runner("create", "renamed", "--from-json", "-", input=json.dumps(SEED_ALERT))  # names another webhook
+    assert other.exit_code == 1 and "names webhook 'alert-webhook', not 'renamed'" in other.output
     cfg = stored(runner, "from-stdin")
     assert cfg["response_mode"] == "async" and cfg["secret"] == "my-secret"
     assert cfg["transform"] == SEED_ALERT["transform"] and cfg["filters"] == SEED_ALERT["filters"]
@@ -6483,9 +6486,10 @@ def test_serve_refuses_a_bad_data_file_before_binding(runner, restore_logging, f
     (["--rate-limit", "lots"], "Error: rate must look like 20/s, 600/m or off, not 'lots'"),
     (["--trusted-proxy", "nope"], "Error: --trusted-proxy[0]: 'nope' is not an IP address or CIDR"),
     (["--workers", "0"], "Error: Invalid value for '--workers': 0 is not in the range 1<=x<=256."),
+    (["--port", "99999"], "Error: Invalid value for '--port': 99999 is not in the range 0<=x<=65535."),
 ])
 def test_serve_usage_mistakes_exit_2(runner, restore_logging, args, error):
-    result = runner("serve", "--port", "0", *args)
+    result = runner("serve", *(["--port", "0"] if "--port" not in args else []), *args)
     assert result.exit_code == 2
     assert error_line(result) == error
     assert not os.path.exists(os.path.join(runner.data_dir, "server.json"))
@@ -6504,7 +6508,8 @@ def test_serve_port_0_prints_the_url_and_send_finds_it(tmp_path):
             if "listening on" in line:
                 break
         banner = "".join(seen)
-        assert "moxxy-webhooks vault get webhook_secret" in banner  # first start says how to read the secrets
+        # first start says how to read the secrets, as this server was started (the module, its data dir)
+        assert f"python3 {MODULE} --data-dir {data} vault get webhook_secret" in banner
         m = re.search(r"listening on (http://127\.0\.0\.1:(\d+))", banner)
         assert m and int(m.group(2)) != 0, banner
         sent = cli_at(data, "send", "hello from the cli")  # no --url: found through the running server
@@ -6532,6 +6537,44 @@ def test_network_filesystem_finds_the_mount_a_path_is_on(tmp_path, path, kind):
     mounts.write_text("/dev/sda1 / ext4 rw 0 0\nnas:/export /srv/moxxy nfs4 rw 0 0\n"
                       "//nas/home /home/me cifs rw 0 0\n/dev/sdb1 /srv ext4 rw 0 0\n")
     assert mw.network_filesystem(path, str(mounts)) == kind
+
+
+def test_serve_on_an_address_of_another_machine_says_so(runner, restore_logging):
+    result = runner("serve", "--host", "203.0.113.7", "--port", "0")
+    assert result.exit_code == 1 and "--host must be an address of this machine" in result.output
+    assert "another server" not in result.output
+
+
+def test_a_second_serve_on_one_data_directory_is_refused_and_the_first_keeps_its_server_json(tmp_path):
+    data = str(tmp_path / "served")
+    first = subprocess.Popen([PY, MODULE, "--data-dir", data, "serve", "--port", "0"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        url = next(m.group(1) for line in first.stderr if (m := re.search(r"listening on (http://\S+)", line)))
+        second = subprocess.run([PY, MODULE, "--data-dir", data, "serve", "--port", "0"], capture_output=True,
+                                text=True, timeout=30)
+        assert second.returncode == 1
+        assert second.stderr.strip() == (f"Error: a server (pid {first.pid}) is already running on {data} at {url}: "
+                                         "stop it first, or use another --data-dir")
+        assert json.loads(open(os.path.join(data, "server.json")).read())["pid"] == first.pid
+    finally:
+        first.terminate()
+        first.wait(15)
+
+
+def test_cli_refuses_what_it_used_to_ignore(runner, monkeypatch):
+    assert runner("rotate", "x", "--grace", "-1").exit_code == 2
+    echo_env = runner("agent", "add", "e", "--echo", "--env", "A=B")
+    assert echo_env.exit_code == 2 and "--env does not apply to an echo agent" in echo_env.output
+    missing = runner("agent", "add", "m", "--command", "no-such-program-xyz {message}")
+    assert missing.exit_code == 1 and "'no-such-program-xyz' is not an executable on PATH" in missing.output
+    runner("create", "refs", "--secret", "${env:MOXXY_TEST_UNSET_SECRET}")
+    monkeypatch.delenv("MOXXY_TEST_UNSET_SECRET", raising=False)
+    checked = runner("check")
+    assert checked.exit_code == 1 and "webhook 'refs': ${env:MOXXY_TEST_UNSET_SECRET} does not resolve" in checked.output
+    updated = runner("update", "refs", "--template", "T {{x}}", "--json")
+    assert updated.exit_code == 0 and json.loads(updated.stdout)["transform"] == {"message_template": "T {{x}}"}
+    assert "secret" not in json.loads(updated.stdout)
 
 
 def test_serve_on_a_busy_port_says_so(runner):
@@ -6640,7 +6683,10 @@ def test_deliveries_list_and_retry_a_failed_delivery(gateway, tmp_path):
     as_json = json.loads(cli_at(root, "deliveries", "--json").stdout)["deliveries"]
     assert [(d["id"], d["status"]) for d in as_json] == [(delivery_id, "failed")]
     assert json.loads(cli_at(root, "deliveries", "--status", "succeeded", "--json").stdout) == {"deliveries": []}
-    assert json.loads(cli_at(root, "deliveries", "--webhook", "other", "--json").stdout) == {"deliveries": []}
+    assert json.loads(cli_at(root, "deliveries", "--webhook", "flaky-hook", "--status", "succeeded", "--json").stdout) \
+        == {"deliveries": []}
+    unknown = cli_at(root, "deliveries", "--webhook", "other")
+    assert unknown.exit_code == 1 and "unknown webhook 'other'" in unknown.output  # not an empty table
 
     retried = cli_at(root, "deliveries", "retry", delivery_id, "--url", url)
     assert retried.exit_code == 0, retried.output
@@ -6650,7 +6696,7 @@ def test_deliveries_list_and_retry_a_failed_delivery(gateway, tmp_path):
 
     again = cli_at(root, "deliveries", "retry", delivery_id, "--url", url)
     assert again.exit_code == 1
-    assert error_line(again) == (f"Error: delivery '{delivery_id}' is succeeded: only failed deliveries can be replayed")
+    assert error_line(again) == (f"Error: delivery '{delivery_id}' has status succeeded: only failed deliveries can be replayed")
     unknown = cli_at(root, "deliveries", "retry", "0" * 32, "--url", url)
     assert unknown.exit_code == 1 and error_line(unknown) == f"Error: unknown delivery '{'0' * 32}'"
 
