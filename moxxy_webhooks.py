@@ -68,7 +68,10 @@ import time
 import urllib.parse
 from typing import Any, Callable, Iterable
 
-import click
+try:
+    import click
+except ImportError:  # one clear line rather than a traceback
+    raise SystemExit("moxxy-webhooks needs click and jsonpath-ng: pip install click jsonpath-ng") from None
 
 __version__ = "0.1.0"
 
@@ -1167,6 +1170,8 @@ def compile_jsonpath(expr: Any, field: str):
         raise ConfigError(field, f"is longer than {MAX_CONDITION_LEN} characters")
     try:
         return _compile_jsonpath_cached(expr.strip())
+    except ImportError:
+        raise ConfigError(field, "JSONPath needs the jsonpath-ng package: pip install jsonpath-ng") from None
     except Exception as e:  # jsonpath-ng raises several types; all mean "bad expression"
         raise ConfigError(field, f"invalid JSONPath {expr!r}: {e}") from None
 
@@ -5785,6 +5790,10 @@ def serve(state: CliState, **kw) -> None:
         proxies = parse_networks(list(kw["trusted_proxy"]), "--trusted-proxy")
     except (ValueError, ConfigError) as e:
         raise click.UsageError(str(getattr(e, "message", e))) from None
+    try:
+        import jsonpath_ng  # noqa: F401 - context mapping and split need it: say so now, not at the first webhook
+    except ImportError:
+        raise click.ClickException("moxxy-webhooks needs jsonpath-ng: pip install jsonpath-ng") from None
     _configure_logging(kw["log_level"], kw["log_format"], kw["log_file"])
     options = Options(host=kw["host"], port=kw["port"], max_body=kw["max_body"], workers=kw["workers"],
                       queue_size=kw["queue_size"], max_attempts=kw["max_attempts"], retry_base=kw["retry_base"],

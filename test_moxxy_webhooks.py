@@ -6577,6 +6577,20 @@ def test_cli_refuses_what_it_used_to_ignore(runner, monkeypatch):
     assert "secret" not in json.loads(updated.stdout)
 
 
+@pytest.mark.parametrize("missing, args, message", [
+    ("click", ["list"], "moxxy-webhooks needs click and jsonpath-ng: pip install click jsonpath-ng"),
+    ("jsonpath_ng", ["create", "x", "--secret", "s", "--map", "a=$.b"],
+     "Error: transform.context_mapping.a: JSONPath needs the jsonpath-ng package: pip install jsonpath-ng"),
+    ("jsonpath_ng", ["serve", "--port", "0"], "Error: moxxy-webhooks needs jsonpath-ng: pip install jsonpath-ng"),
+])
+def test_a_missing_dependency_is_one_clear_line(tmp_path, missing, args, message):
+    blocked = f"import sys, runpy; sys.modules[{missing!r}] = None; sys.argv = sys.argv[1:]; " \
+              "runpy.run_path(sys.argv[0], run_name='__main__')"
+    result = subprocess.run([PY, "-c", blocked, MODULE, "--data-dir", str(tmp_path / "d"), *args],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and result.stderr.strip() == message, result.stderr
+
+
 def test_serve_on_a_busy_port_says_so(runner):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
