@@ -5806,7 +5806,7 @@ def serve(state: CliState, **kw) -> None:
                       metrics_admin=kw["metrics_admin"], tls_cert=kw["tls_cert"], tls_key=kw["tls_key"],
                       lease=kw["lease"])
     running = None if state.database_url else running_server(state.paths)
-    if running:
+    if running and running["pid"] != os.getpid():
         raise click.ClickException(f"a server (pid {running['pid']}) is already running on {state.paths.root} at "
                                    f"{running['url']}: stop it first, or use another --data-dir")
     app = App(state.paths, options, state.backend)
@@ -5886,7 +5886,7 @@ def running_server(paths: Paths) -> dict | None:
         return doc
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return doc if int(doc["pid"]) != os.getpid() else doc
+    return doc
 
 
 def _invocation(state: CliState) -> str:
