@@ -943,6 +943,25 @@ SECRET_HEADERS = frozenset({"authorization", "cookie", "x-webhook-secret", "x-gi
                             *(h for preset in SIGNATURE_PRESETS.values() for h in preset.headers)})
 
 
+SCHEME_HEADERS = {"header": ("x-webhook-secret",), "github": ("x-hub-signature-256", "x-hub-signature"),
+                  "standard": ("webhook-signature", "svix-signature"), "gitlab": ("x-gitlab-token",),
+                  "twilio": ("x-twilio-signature",), **{n: p.headers for n, p in SIGNATURE_PRESETS.items()}}
+
+
+def presented_scheme(headers: dict, schemes: Iterable[str], own: "SignatureScheme | None" = None) -> str:
+    """The scheme a refused request seems to have tried (its header is there), or "none": for the metrics."""
+    given = _auth_scheme(headers.get("authorization"))
+    for scheme in schemes:
+        if scheme in ("bearer", "basic"):
+            if given == scheme:
+                return scheme
+            continue
+        names = own.headers if scheme == "signature" and own else SCHEME_HEADERS.get(scheme, ())
+        if any(headers.get(name) for name in names):
+            return scheme
+    return "none"
+
+
 def authenticate(secrets_: list[str], schemes: Iterable[str], headers: dict, body: bytes, now: float,
                  own: SignatureScheme | None = None) -> str | None:
     """Return the first scheme under which the request is authentic for one of the secrets, else None.
@@ -2551,6 +2570,10 @@ class DeliveryStore:
         """Jobs waiting to run (the queue depth of the metrics)."""
         raise NotImplementedError
 
+    def oldest_queued(self) -> float | None:
+        """Seconds the oldest job waiting to run has waited, or None when none waits (for the metrics)."""
+        raise NotImplementedError
+
     # dedupe
     def claim(self, webhook: str, key: str, delivery_id: str) -> Any:
         """Claim a sender's delivery id; return the earlier delivery if it was seen within 24 h
@@ -2817,6 +2840,10 @@ class DeliveryLog(DeliveryStore):
 
     def depth(self) -> int:
         return len(self._jobs)
+
+    def oldest_queued(self) -> float | None:
+        rows = self.query("SELECT min(created_at) AS at FROM deliveries WHERE status = 'queued'")
+        return clock() - rows[0]["at"] if rows and rows[0]["at"] is not None else None
 
     def slot(self, name: str, limit: int, timeout: float) -> Callable[[], None] | None:
         with self._slots_lock:
@@ -3355,6 +3382,10 @@ class PgDeliveryStore(DeliveryStore):
             self._depth = (n, time.monotonic())
         return self._depth[0]
 
+    def oldest_queued(self) -> float | None:
+        rows = self.pool.execute("SELECT min(created_at) AS at FROM moxxy_deliveries WHERE status = 'queued'")
+        return clock() - rows[0]["at"] if rows and rows[0]["at"] is not None else None
+
     # dedupe: an upsert that takes over only an expired entry or one whose delivery failed
     def claim(self, webhook: str, key: str, delivery_id: str) -> Any:
         with self.pool.connection() as conn:
@@ -3626,44 +3657,88 @@ def backoff_delay(attempt: int, base: float) -> float:
 
 
 
+class Histogram:
+    """Cumulative buckets, a sum and a count (Prometheus text format)."""
+
+    def __init__(self, buckets: tuple):
+        self.buckets, self.counts, self.sum = buckets, [0] * (len(buckets) + 1), 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        self.sum += seconds
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        out, total, sep = [], 0, "," if labels else ""
+        for bound, count in zip(self.buckets + (math.inf,), self.counts):
+            total += count
+            le = "+Inf" if bound == math.inf else f"{bound:g}"
+            out.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {total}')
+        tail = f"{{{labels}}}" if labels else ""
+        return out + [f"{name}_sum{tail} {self.sum:.6f}", f"{name}_count{tail} {total}"]
+
+
 class Metrics:
-    """Counters and one histogram, rendered in the Prometheus text format."""
+    """Counters and histograms, rendered in the Prometheus text format (``promtool check metrics`` clean).
+
+    Every label is bounded: routes come from the table, webhooks from the config, schemes and
+    statuses from fixed lists; never a delivery id.
+    """
 
     BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60)
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.requests: dict = {}
-        self.deliveries: dict = {}
-        self.latency = [0] * (len(self.BUCKETS) + 1)
-        self.latency_sum = 0.0
+        self.requests: dict = {}  # (route, status) -> n
+        self.durations: dict = {}  # route -> Histogram
+        self.deliveries: dict = {}  # status -> n (succeeded, failed, filtered, duplicate)
+        self.dead_letters = 0
+        self.signature_failures: dict = {}  # (webhook, scheme) -> n
+        self.agent = Histogram(self.BUCKETS)
 
-    def request(self, route: str, status: int) -> None:
+    def request(self, route: str, status: int, seconds: float | None = None) -> None:
         with self._lock:
             key = (route, status)
             self.requests[key] = self.requests.get(key, 0) + 1
+            if seconds is not None:
+                self.durations.setdefault(route, Histogram(self.BUCKETS)).observe(seconds)
 
-    def delivery(self, status: str, seconds: float | None = None) -> None:
+    def delivery(self, status: str, seconds: float | None = None, dead: bool = False) -> None:
         with self._lock:
             self.deliveries[status] = self.deliveries.get(status, 0) + 1
             if seconds is not None:
-                self.latency[bisect.bisect_left(self.BUCKETS, seconds)] += 1
-                self.latency_sum += seconds
+                self.agent.observe(seconds)
+            if dead:
+                self.dead_letters += 1
 
-    def render(self, queue_depth: int) -> str:
+    def signature_failure(self, webhook: str, scheme: str) -> None:
         with self._lock:
-            lines = ["# TYPE moxxy_webhooks_requests_total counter"]
-            lines += [f'moxxy_webhooks_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
-            lines.append("# TYPE moxxy_webhooks_deliveries_total counter")
-            lines += [f'moxxy_webhooks_deliveries_total{{status="{s}"}} {n}' for s, n in sorted(self.deliveries.items())]
-            lines += ["# TYPE moxxy_webhooks_queue_depth gauge", f"moxxy_webhooks_queue_depth {queue_depth}",
-                      "# TYPE moxxy_webhooks_agent_seconds histogram"]
-            total = 0
-            for bound, count in zip(self.BUCKETS + (math.inf,), self.latency):
-                total += count
-                le = "+Inf" if bound == math.inf else f"{bound:g}"
-                lines.append(f'moxxy_webhooks_agent_seconds_bucket{{le="{le}"}} {total}')
-            lines += [f"moxxy_webhooks_agent_seconds_sum {self.latency_sum:.6f}", f"moxxy_webhooks_agent_seconds_count {total}"]
+            key = (webhook, scheme)
+            self.signature_failures[key] = self.signature_failures.get(key, 0) + 1
+
+    def render(self, queue_depth: int, oldest_queued: float | None) -> str:
+        def family(name: str, kind: str, text: str, samples: list[str]) -> list[str]:
+            return [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples]
+
+        p = "moxxy_webhooks_"
+        with self._lock:
+            lines = family(p + "info", "gauge", "The running moxxy-webhooks version.", [f'{p}info{{version="{__version__}"}} 1'])
+            lines += family(p + "requests_total", "counter", "HTTP requests by route and status.",
+                            [f'{p}requests_total{{route="{r}",status="{c}"}} {n}' for (r, c), n in sorted(self.requests.items())])
+            lines += family(p + "request_duration_seconds", "histogram", "Time to answer an HTTP request, by route.",
+                            [x for r, h in sorted(self.durations.items()) for x in h.lines(p + "request_duration_seconds", f'route="{r}"')])
+            lines += family(p + "deliveries_total", "counter", "Deliveries by outcome (succeeded, failed, filtered, duplicate).",
+                            [f'{p}deliveries_total{{status="{c}"}} {n}' for c, n in sorted(self.deliveries.items())])
+            lines += family(p + "dead_letters_total", "counter", "Async deliveries that failed after every attempt.",
+                            [f"{p}dead_letters_total {self.dead_letters}"])
+            lines += family(p + "signature_failures_total", "counter",
+                            "Requests to a named webhook refused for a missing or wrong secret or signature.",
+                            [f'{p}signature_failures_total{{webhook="{w}",scheme="{c}"}} {n}'
+                             for (w, c), n in sorted(self.signature_failures.items())])
+            lines += family(p + "queue_depth", "gauge", "Async jobs waiting to run.", [f"{p}queue_depth {queue_depth}"])
+            lines += family(p + "oldest_queued_age_seconds", "gauge", "Age of the oldest job waiting to run (0 when none).",
+                            [f"{p}oldest_queued_age_seconds {max(0.0, oldest_queued or 0.0):.3f}"])
+            lines += family(p + "agent_duration_seconds", "histogram", "Time an agent took to answer.",
+                            self.agent.lines(p + "agent_duration_seconds"))
         return "\n".join(lines) + "\n"
 
 
@@ -3882,7 +3957,7 @@ class DeliveryEngine:
         else:
             final = dict(status="succeeded", response=response, error=None, message=None, context=None,
                          finished_at=clock(), next_attempt_at=None)
-        self.metrics.delivery(final["status"], time.monotonic() - started)
+        self.metrics.delivery(final["status"], time.monotonic() - started, dead=final["status"] == "failed")
         self._finish(dict(row), final)
         if row["reply_to"]:
             record = public_delivery({**row, **final})
@@ -4273,6 +4348,7 @@ class Platforms:
     def _duplicate(self, req: Request, platform: str, key: str) -> bool:
         earlier = self.engine.store.claim(platform, key, req.info.setdefault("delivery_id", new_id()))
         if earlier is not None:
+            self.engine.metrics.delivery("duplicate")
             req.info["outcome"] = "duplicate"
             log.info("%s: %s already seen (delivery %s): not run again", platform, key, earlier["id"])
         return earlier is not None
@@ -4825,6 +4901,8 @@ class App:
                     authenticate(wh.valid_secrets(clock()), [s for s in AUTH_SCHEMES if s in wh.auth], headers,
                                  req.body, clock(), wh.signature)
                     or (access == "webhook_or_admin" and self._is_admin(req))):
+                accepted = [s for s in AUTH_SCHEMES if s in wh.auth]
+                self.metrics.signature_failure(wh.name, presented_scheme(headers, accepted, wh.signature))
                 raise Unauthorized(f"missing or wrong signature or secret for webhook '{wh.name}' "
                                    f"(accepted: {', '.join(s for s in AUTH_SCHEMES if s in wh.auth)})")
         self._rate_limit(self.hook_limiter, key, req, who)
@@ -4904,7 +4982,8 @@ class App:
 
     def metrics_text(self, req: Request) -> Response:
         """Prometheus metrics: requests, deliveries, queue depth, agent latency."""
-        return Response(200, self.metrics.render(self.engine.depth()).encode(), {"Content-Type": "text/plain; version=0.0.4"})
+        text = self.metrics.render(self.engine.depth(), self.deliveries.oldest_queued() if self.deliveries else None)
+        return Response(200, text.encode(), {"Content-Type": "text/plain; version=0.0.4"})
 
     def openapi(self, req: Request) -> Response:
         """This API's description (OpenAPI 3.1)."""
@@ -4995,6 +5074,7 @@ class App:
                     raise Duplicate(earlier)
             return self._deliver_items(req, wh, agent, items, many, mode, delivery_id, (wh.name, key) if atomic else None)
         except Duplicate as d:
+            self.metrics.delivery("duplicate")
             req.info.update(outcome="duplicate", delivery_id=d.earlier["id"])
             log.info("webhook %s: delivery %s repeats %s: not run again", wh.name, key, d.earlier["id"])
             return _duplicate_reply(d.earlier)
@@ -5014,6 +5094,7 @@ class App:
             item_id = delivery_id if i == 0 else new_id()
             if ev.filtered:
                 log.info("webhook %s: event %s filtered: %s", wh.name, ev.event, ev.filtered)
+                self.metrics.delivery("filtered")
                 self.engine.record(id=item_id, webhook=wh.name, agent=agent.name, status="filtered", event=ev.event,
                                    error=ev.filtered, finished_at=clock())
                 req.info.update(outcome="filtered", delivery_id=item_id)
@@ -5025,6 +5106,7 @@ class App:
                 if dedupe and mode == "sync":
                     earlier = self.deliveries.claim(*dedupe, item_id)
                     if earlier is not None:
+                        self.metrics.delivery("duplicate")
                         results.append(_duplicate_reply(earlier))
                         continue
             try:
@@ -5035,6 +5117,7 @@ class App:
             except Duplicate as d:
                 if not many:
                     raise
+                self.metrics.delivery("duplicate")
                 results.append(_duplicate_reply(d.earlier))
             except (AgentFailed, AgentTimeout) as e:
                 if not many:
@@ -5519,7 +5602,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _log(self, req: Request, resp: Response, started: float) -> None:
         app: App = self.server.app
         route = req.route.name if req.route else "unmatched"
-        app.metrics.request(route, resp.status)
+        app.metrics.request(route, resp.status, time.perf_counter() - started)
         if not access_log.isEnabledFor(logging.INFO):
             return
         fields = {"request_id": req.request_id, "client": req.client_ip, "method": req.method, "path": req.path,

@@ -5392,6 +5392,30 @@ def test_healthz_metrics_openapi(shared):
     assert "post" in doc["paths"]["/api/webhooks/generic"] and "get" in doc["paths"]["/api/deliveries/{id}"]
 
 
+def test_metrics_count_outcomes_and_pass_promtool(gw):
+    create(gw, {"name": "gh", "secret": "s", "filters": {"include": ["push"]}})
+    post(gw, "gh", b"{}", {"X-Hub-Signature-256": "sha256=" + "0" * 64})  # a wrong signature
+    post(gw, "gh", b"{}", {"X-Webhook-Secret": "s", "X-GitHub-Event": "issues"})  # filtered
+    for _ in range(2):  # the second is a duplicate
+        post(gw, "gh", b"{}", {"X-Webhook-Secret": "s", "X-GitHub-Event": "push", "X-GitHub-Delivery": "g-1"})
+    text = gw.request("GET", "/metrics")[2]
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert samples['moxxy_webhooks_signature_failures_total{webhook="gh",scheme="github"}'] == "1"
+    assert samples['moxxy_webhooks_deliveries_total{status="filtered"}'] == "1"
+    assert samples['moxxy_webhooks_deliveries_total{status="duplicate"}'] == "1"
+    assert samples[f'moxxy_webhooks_info{{version="{mw.__version__}"}}'] == "1"
+    assert "moxxy_webhooks_oldest_queued_age_seconds" in samples and "moxxy_webhooks_dead_letters_total" in samples
+    assert any(k.startswith("moxxy_webhooks_request_duration_seconds_bucket{route=") for k in samples)
+    assert not any(re.search(r"[0-9a-f]{32}", k) for k in samples)  # never a delivery id as a label
+    promtool = shutil.which("promtool")
+    if not promtool:
+        if os.environ.get("MOXXY_TEST_PROMTOOL") == "required":
+            pytest.fail("promtool is required here (MOXXY_TEST_PROMTOOL=required) but is not installed")
+        pytest.skip("promtool not available (apt-get install prometheus)")
+    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0 and not checked.stdout.strip() and not checked.stderr.strip(), checked
+
+
 def test_repeated_x_forwarded_for_lines_are_one_list(gateway):
     """A proxy that appends its own X-Forwarded-For line (HAProxy forwardfor) must not hide the real client."""
     g = gateway(trusted_proxies=mw.parse_networks("127.0.0.1/32"))
