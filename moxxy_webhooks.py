@@ -2559,7 +2559,8 @@ class DeliveryStore:
         raise NotImplementedError
 
     def requeue(self, delivery_id: str, max_attempts: int) -> None:
-        """Run a failed delivery again from its first attempt (durable before it returns)."""
+        """Run a failed delivery again, its attempts going on from where they were, up to ``max_attempts``
+        (durable before it returns)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -2830,7 +2831,7 @@ class DeliveryLog(DeliveryStore):
             self._jobs.put(delivery_id, due)
 
     def requeue(self, delivery_id: str, max_attempts: int) -> None:
-        self.update(delivery_id, wait=True, status="queued", attempts=0, finished_at=None, next_attempt_at=None,
+        self.update(delivery_id, wait=True, status="queued", finished_at=None, next_attempt_at=None,
                     max_attempts=max_attempts)
         self._jobs.put(delivery_id)
 
@@ -3370,7 +3371,7 @@ class PgDeliveryStore(DeliveryStore):
 
     def requeue(self, delivery_id: str, max_attempts: int) -> None:
         with self.pool.connection() as conn, conn.transaction():
-            conn.execute("UPDATE moxxy_deliveries SET status = 'queued', attempts = 0, finished_at = NULL, "
+            conn.execute("UPDATE moxxy_deliveries SET status = 'queued', finished_at = NULL, "
                          "next_attempt_at = NULL, max_attempts = %s, run_at = now() WHERE id = %s",
                          (max_attempts, delivery_id))
             conn.execute("SELECT pg_notify('moxxy', 'jobs')")
@@ -3909,8 +3910,8 @@ class DeliveryEngine:
             raise Conflict(f"delivery '{row['id']}' has status {row['status']}: only failed deliveries can be replayed")
         with self._pending_lock:
             self._pending += 1
-        try:
-            self.store.requeue(delivery_id, self.options.max_attempts)
+        try:  # attempts go on counting (the record keeps the trace of the earlier failure), with a fresh budget
+            self.store.requeue(delivery_id, row["attempts"] + self.options.max_attempts)
         except HTTPError:
             self._done()
             raise
@@ -4226,7 +4227,7 @@ class Response:
     @classmethod
     def json(cls, status: int, doc: Any, headers: dict | None = None) -> "Response":
         # ASCII escapes: valid JSON for any str, lone surrogates from an agent's answer included
-        return cls(status, json.dumps(doc).encode(), {"Content-Type": "application/json", **(headers or {})})
+        return cls(status, json.dumps(doc).encode() + b"\n", {"Content-Type": "application/json", **(headers or {})})
 
     @classmethod
     def error(cls, err: HTTPError) -> "Response":
@@ -6348,12 +6349,14 @@ def _server_url(state: CliState, url: str | None) -> str:
 
 @cli.command()
 @click.argument("message")
-@click.option("--agent", default="default", show_default=True)
+@click.option("--agent", default="default", show_default=True, help="The agent to send it to.")
 @click.option("--context", "context_json", help="Context as a JSON object.")
-@click.option("--async", "is_async", is_flag=True, help="Queue it and return the delivery id.")
+@click.option("--async", "is_async", is_flag=True, help="Queue it and print the delivery id.")
 @click.option("--url", help="Server URL [default: the running server's, else http://127.0.0.1:17890].")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's whole reply as JSON.")
 @pass_state
-def send(state: CliState, message: str, agent: str, context_json: str | None, is_async: bool, url: str | None) -> None:
+def send(state: CliState, message: str, agent: str, context_json: str | None, is_async: bool, url: str | None,
+         as_json: bool) -> None:
     """Send a message to the running server's generic webhook, with the vault's secret."""
     try:
         context = json.loads(context_json) if context_json else {}
@@ -6376,7 +6379,13 @@ def send(state: CliState, message: str, agent: str, context_json: str | None, is
         doc = {"error": body.decode("utf-8", "replace")}
     if status >= 300:
         raise click.ClickException(f"HTTP {status}: {doc.get('error', doc)}")
-    click.echo(doc.get("response") if "response" in doc else json.dumps(doc))
+    if as_json:
+        _echo_json(doc)
+    elif "response" in doc:
+        click.echo(doc["response"])
+    else:
+        click.echo(f"Queued as delivery {doc.get('delivery_id')} "
+                   f"(see it with: moxxy-webhooks deliveries --webhook generic)")
 
 
 # --- agents ---

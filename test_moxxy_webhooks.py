@@ -2478,6 +2478,7 @@ def test_failed_async_is_retried_then_replayed(gateway):
     assert headers["location"] == f"/api/deliveries/{delivery_id}"
     record = g.admin_call("GET", f"/api/deliveries/{delivery_id}?wait=10")[2]
     assert record["status"] == "succeeded" and record["response"] == "fixed:deploy"
+    assert record["attempts"] == 3  # two that failed, then the replay: the trace of the failure stays
     assert_error(g.admin_call("POST", f"/api/deliveries/{delivery_id}/retry"), 409, "conflict")
     assert_error(g.request("POST", f"/api/deliveries/{delivery_id}/retry", headers={"X-Webhook-Secret": g.secret}),
                  401, "unauthorized")
@@ -6745,8 +6746,8 @@ def test_send_prints_the_echo_answer(gw):
     assert result.exit_code == 0, result.output
     assert result.stdout == "Hello from send\n"
     queued = cli_at(gw.paths.root, "send", "later", "--async", "--url", url)
-    assert queued.exit_code == 0
-    doc = json.loads(queued.stdout)
+    assert queued.exit_code == 0 and re.fullmatch(r"Queued as delivery [0-9a-f]{32} \(see it with: .*\)\n", queued.stdout)
+    doc = json.loads(cli_at(gw.paths.root, "send", "later", "--async", "--url", url, "--json").stdout)
     assert doc["status"] == "queued" and len(doc["delivery_id"]) == 32
     status, _, record = gw.admin_call("GET", f"/api/deliveries/{doc['delivery_id']}?wait=10")
     assert record["status"] == "succeeded" and record["response"] == "later"
