@@ -2575,6 +2575,10 @@ class DeliveryStore:
         """Seconds the oldest job waiting to run has waited, or None when none waits (for the metrics)."""
         raise NotImplementedError
 
+    def summary(self, since: float) -> dict:
+        """How many deliveries are queued and running now, and how many failed since ``since`` (``status``)."""
+        raise NotImplementedError
+
     # dedupe
     def claim(self, webhook: str, key: str, delivery_id: str) -> Any:
         """Claim a sender's delivery id; return the earlier delivery if it was seen within 24 h
@@ -2841,6 +2845,11 @@ class DeliveryLog(DeliveryStore):
 
     def depth(self) -> int:
         return len(self._jobs)
+
+    def summary(self, since: float) -> dict:
+        rows = self.query("SELECT sum(status = 'queued') AS queued, sum(status = 'running') AS running, "
+                          "sum(status = 'failed' AND finished_at >= ?) AS failed FROM deliveries", (since,))
+        return {"queued": rows[0]["queued"] or 0, "running": rows[0]["running"] or 0, "failed": rows[0]["failed"] or 0}
 
     def oldest_queued(self) -> float | None:
         rows = self.query("SELECT min(created_at) AS at FROM deliveries WHERE status = 'queued'")
@@ -3382,6 +3391,13 @@ class PgDeliveryStore(DeliveryStore):
             n = self.pool.execute("SELECT count(*) AS n FROM moxxy_deliveries WHERE status = 'queued'")[0]["n"]
             self._depth = (n, time.monotonic())
         return self._depth[0]
+
+    def summary(self, since: float) -> dict:
+        row = self.pool.execute("SELECT count(*) FILTER (WHERE status = 'queued') AS queued, "
+                                "count(*) FILTER (WHERE status = 'running') AS running, "
+                                "count(*) FILTER (WHERE status = 'failed' AND finished_at >= %s) AS failed "
+                                "FROM moxxy_deliveries", (since,))[0]
+        return {"queued": row["queued"], "running": row["running"], "failed": row["failed"]}
 
     def oldest_queued(self) -> float | None:
         rows = self.pool.execute("SELECT min(created_at) AS at FROM moxxy_deliveries WHERE status = 'queued'")
@@ -5928,7 +5944,8 @@ def serve(state: CliState, **kw) -> None:
             log.warning("the data directory %s is on a network filesystem (%s): SQLite's locking and WAL do not "
                         "work there; use a local disk, or PostgreSQL (--database-url) for several boxes", state.paths.root, fs)
     with contextlib.suppress(OSError):
-        atomic_write(state.paths.server, json.dumps({"url": server.url, "pid": os.getpid()}).encode())
+        atomic_write(state.paths.server, json.dumps({"url": server.url, "pid": os.getpid(), "version": __version__,
+                                                     "started_at": clock()}).encode())
     click.echo(f"moxxy-webhooks {__version__} listening on {server.url} (data: {state.backend.where})", err=True)
 
     def on_signal(signum, frame):
@@ -6053,6 +6070,38 @@ def import_dir(state: CliState, source: str) -> None:
                 log_db.query("SELECT * FROM replies WHERE status = 'queued'"))
     click.echo(f"Imported {hooks} webhook(s), {len(raw.get('agents', {}))} agent(s), {len(vault_doc)} vault key(s), "
                f"{jobs} unfinished deliveries and {seen} seen delivery ids from {os.path.abspath(source)}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_state
+def status(state: CliState, as_json: bool) -> None:
+    """Is a server running on this data directory: its URL, version, uptime, queue, recent failures.
+
+    Exits 0 when one runs, 3 when none does (as systemctl status)."""
+    running = running_server(state.paths)
+    doc: dict = {"running": bool(running), "data": state.backend.where}
+    if running:
+        doc.update(pid=running["pid"], url=running.get("url"), version=running.get("version"),
+                   uptime_seconds=round(clock() - running["started_at"]) if running.get("started_at") else None)
+    if state.database_url or os.path.exists(state.paths.db):
+        with _errors():
+            doc["deliveries"] = state.backend.open_deliveries(Options()).summary(clock() - 3600)
+    if as_json:
+        _echo_json(doc)
+    elif running:
+        up = doc["uptime_seconds"]
+        uptime = f", up {up // 3600}h{up % 3600 // 60:02d}m" if up is not None else ""
+        click.echo(f"running: pid {doc['pid']} at {doc['url']} (moxxy-webhooks {doc['version'] or '?'}{uptime})")
+    else:
+        click.echo(f"not running on {state.paths.root} (start it with: {_invocation(state)} serve)")
+    if not as_json and "deliveries" in doc:
+        counts = doc["deliveries"]
+        hint = " (see them with: moxxy-webhooks deliveries --status failed)" if counts["failed"] else ""
+        click.echo(f"deliveries: {counts['queued']} queued, {counts['running']} running, "
+                   f"{counts['failed']} failed in the last hour{hint}")
+    if not running:
+        raise click.exceptions.Exit(3)
 
 
 # --- webhooks ---

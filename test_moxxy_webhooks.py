@@ -6616,6 +6616,39 @@ def test_a_missing_dependency_is_one_clear_line(tmp_path, missing, args, message
     assert result.returncode == 1 and result.stderr.strip() == message, result.stderr
 
 
+def test_status_says_whether_a_server_runs_and_how_it_is(tmp_path):
+    data = str(tmp_path / "served")
+    assert cli_at(data, "status").exit_code == 3
+    proc = subprocess.Popen([PY, MODULE, "--data-dir", data, "serve", "--port", "0"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        url = next(m.group(1) for line in proc.stderr if (m := re.search(r"listening on (http://\S+)", line)))
+        doc = json.loads(cli_at(data, "status", "--json").stdout)
+        assert {k: doc[k] for k in ("running", "pid", "url", "version")} == \
+            {"running": True, "pid": proc.pid, "url": url, "version": mw.__version__}
+        assert doc["uptime_seconds"] >= 0 and doc["deliveries"] == {"queued": 0, "running": 0, "failed": 0}
+        human = cli_at(data, "status")
+        assert human.exit_code == 0 and human.stdout.startswith(f"running: pid {proc.pid} at {url} (moxxy-webhooks ")
+        assert "deliveries: 0 queued, 0 running, 0 failed in the last hour" in human.stdout
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    stopped = cli_at(data, "status")
+    assert stopped.exit_code == 3 and stopped.stdout.startswith(f"not running on {data}")
+
+
+def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path):
+    unit = os.path.join(os.path.dirname(MODULE), "contrib", "moxxy-webhooks.service")
+    text = open(unit).read()
+    for hardening in ("User=moxxy-webhooks", "StateDirectory=moxxy-webhooks", "LoadCredential=", "ProtectSystem=strict",
+                      "NoNewPrivileges=yes"):
+        assert hardening in text
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    checked = subprocess.run(["systemd-analyze", "verify", unit], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr
+
+
 def test_serve_on_a_busy_port_says_so(runner):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
