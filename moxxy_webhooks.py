@@ -4711,6 +4711,130 @@ def split_item_key(wh: Webhook, item: Any) -> str:
     return "item:" + hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+# The OpenAPI document: each route's request and reply schemas, by handler name (a test makes every
+# route have its entry), and the components they name.
+_S = lambda name: {"$ref": f"#/components/schemas/{name}"}  # noqa: E731
+_NULLABLE = lambda kind: {"type": [kind, "null"]}  # noqa: E731
+OPENAPI_SCHEMAS = {
+    "Error": {"type": "object", "required": ["success", "error", "code"], "properties": {
+        "success": {"const": False}, "error": {"type": "string"}, "code": {"type": "string"}}},
+    "Delivery": {"type": "object", "required": ["id", "webhook", "agent", "status", "attempts", "created_at"],
+                 "properties": {"id": {"type": "string"}, "webhook": {"type": "string"}, "agent": {"type": "string"},
+                                "status": {"enum": ["queued", "running", "succeeded", "failed", "filtered", "duplicate"]},
+                                "attempts": {"type": "integer"}, "event": _NULLABLE("string"),
+                                "response": _NULLABLE("string"), "error": _NULLABLE("string"),
+                                "created_at": {"type": "string"}, "finished_at": _NULLABLE("string")}},
+    "DeliveryList": {"type": "object", "properties": {"deliveries": {"type": "array", "items": _S("Delivery")}}},
+    "GenericRequest": {"type": "object", "required": ["message"], "properties": {
+        "message": {"type": "string", "minLength": 1}, "agent": {"type": "string"}, "context": {"type": "object"},
+        "response_mode": {"enum": ["sync", "async"]}}},
+    "Reply": {"type": "object", "description": "A sync answer, a duplicate, a filtered event, or a list of them (split, batch)",
+              "properties": {"success": {"type": "boolean"}, "agent": {"type": "string"}, "response": _NULLABLE("string"),
+                             "context": {"type": "object"}, "delivery_id": {"type": "string"},
+                             "duplicate": {"type": "boolean"}, "filtered": {"type": "boolean"},
+                             "deliveries": {"type": "array", "items": {"type": "object"}}}},
+    "Queued": {"type": "object", "required": ["success", "delivery_id"], "properties": {
+        "success": {"type": "boolean"}, "agent": {"type": "string"}, "status": {"const": "queued"},
+        "delivery_id": {"type": "string"}, "deliveries": {"type": "array", "items": {"type": "object"}}}},
+    "WebhookConfig": {"type": "object", "description": "README: Named webhooks", "properties": {
+        "name": {"type": "string", "pattern": NAME_RE.pattern}, "agent": {"type": "string"}, "secret": {"type": "string"},
+        "auth": {"oneOf": [{"const": "none"}, {"type": "array", "items": {"enum": list(AUTH_SCHEMES)}, "minItems": 1}]},
+        "response_mode": {"enum": ["sync", "async"]}, "transform": {"type": "object"}, "filters": {"type": "object"},
+        "allowed_ips": {"type": ["string", "array"]}, "enabled": {"type": "boolean"},
+        "max_concurrency": {"type": "integer", "minimum": 1}, "timeout": {"type": "number"},
+        "reply_to": {"type": "array", "items": {"type": "object"}}, "description": {"type": "string"},
+        "signature": {"type": "object"}, "accept_binary": {"type": "boolean"}, "public_url": {"type": "string"}}},
+    "Webhook": {"type": "object", "required": ["name", "has_secret"], "properties": {
+        "name": {"type": "string"}, "has_secret": {"type": "boolean"}, "secret": {"type": "string",
+                                                                                   "description": "*** (or the generated one, once)"}}},
+    "WebhookList": {"type": "object", "properties": {"webhooks": {"type": "array", "items": _S("Webhook")}}},
+    "AgentConfig": {"type": "object", "description": "README: Agents", "required": ["kind"], "properties": {
+        "name": {"type": "string"}, "kind": {"enum": ["echo", "command", "http", "openai"]}, "url": {"type": "string"},
+        "base_url": {"type": "string"}, "model": {"type": "string"}, "system": {"type": "string"},
+        "api_key": {"type": "string"}, "headers": {"type": "object"}, "argv": {"type": "array", "items": {"type": "string"}},
+        "env": {"type": "object"}, "cwd": {"type": "string"}, "generic": {"type": "boolean"}, "timeout": {"type": "number"}}},
+    "Agent": {"type": "object", "required": ["name", "kind"], "properties": {"name": {"type": "string"}, "kind": {"type": "string"}}},
+    "AgentList": {"type": "object", "properties": {"agents": {"type": "array", "items": _S("Agent")}}},
+    "Deleted": {"type": "object", "properties": {"success": {"const": True}, "deleted": {"type": "string"}}},
+    "Health": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"},
+                                                                        "database": {"enum": ["ok", "failing"]}}},
+    "Ready": {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}, "reason": {"type": "string"}}},
+    "Payload": {"description": "Whatever the sender sends: JSON, a form, multipart, text, XML, CloudEvents (README: Bodies)"},
+}
+# handler name -> (request body schema or None, {status: reply schema, or "text" for text/plain, or None})
+API_DOCS = {
+    "healthz": (None, {"200": "Health"}), "readyz": (None, {"200": "Ready", "503": "Ready"}),
+    "metrics_text": (None, {"200": "text"}), "openapi": (None, {"200": None}),
+    "generic": ("GenericRequest", {"200": "Reply", "202": "Queued"}),
+    "telegram": ("Payload", {"200": None}), "slack_events": ("Payload", {"200": None}),
+    "slack_interactive": ("Payload", {"200": None}), "discord": ("Payload", {"200": None}),
+    "list_webhooks": (None, {"200": "WebhookList"}), "create_webhook": ("WebhookConfig", {"201": "Webhook"}),
+    "trigger": ("Payload", {"200": "Reply", "202": "Queued"}), "receive": ("Payload", {"200": "Reply", "202": "Queued"}),
+    "cloudevents_handshake": (None, {"200": None}),
+    "webhook_deliveries": (None, {"200": "DeliveryList"}), "get_webhook": (None, {"200": "Webhook"}),
+    "replace_webhook": ("WebhookConfig", {"200": "Webhook"}), "delete_webhook": (None, {"200": "Deleted"}),
+    "get_delivery": (None, {"200": "Delivery"}), "retry_delivery": (None, {"202": "Queued"}),
+    "list_agents": (None, {"200": "AgentList"}), "create_agent": ("AgentConfig", {"201": "Agent"}),
+    "get_agent": (None, {"200": "Agent"}), "replace_agent": ("AgentConfig", {"200": "Agent"}),
+    "delete_agent": (None, {"200": "Deleted"}),
+}
+API_QUERY = {"get_delivery": {"wait": "number"}, "webhook_deliveries": {"limit": "integer", "status": "string"},
+             "trigger": {"dry_run": "string", "response_mode": "string"}, "receive": {"response_mode": "string"}}
+API_SECURITY = {
+    "public": [], "admin": [{"admin": []}], "generic": [{"webhookSecret": []}],
+    "webhook": [{"webhookSecret": []}, {"webhookBearer": []}, {"webhookBasic": []}, {"githubSignature": []},
+                {"standardWebhooks": []}, {"gitlabToken": []}, {"providerSignature": []}],
+    "platform": [{"platformSignature": []}], "owner": [{"admin": []}, {"webhookSecret": []}],
+}
+API_SECURITY["webhook_or_admin"] = API_SECURITY["webhook"] + [{"admin": []}]
+API_SECURITY_SCHEMES = {
+    "admin": {"type": "http", "scheme": "bearer", "description": "vault admin_token"},
+    "webhookSecret": {"type": "apiKey", "in": "header", "name": "X-Webhook-Secret"},
+    "webhookBearer": {"type": "http", "scheme": "bearer", "description": "the webhook's secret"},
+    "webhookBasic": {"type": "http", "scheme": "basic", "description": "the password is the webhook's secret"},
+    "githubSignature": {"type": "apiKey", "in": "header", "name": "X-Hub-Signature-256",
+                        "description": "sha256=<hex HMAC-SHA256 of the body>"},
+    "standardWebhooks": {"type": "apiKey", "in": "header", "name": "webhook-signature",
+                         "description": "Standard Webhooks (or svix-signature), with webhook-id and webhook-timestamp"},
+    "gitlabToken": {"type": "apiKey", "in": "header", "name": "X-Gitlab-Token"},
+    "providerSignature": {"type": "apiKey", "in": "header", "name": "Stripe-Signature",
+                          "description": "or the header of another preset (README: Authentication)"},
+    "platformSignature": {"type": "apiKey", "in": "header", "name": "X-Slack-Signature",
+                          "description": "Telegram's secret token, Slack's or Discord's signature"},
+}
+
+
+def openapi_document(routes: list) -> dict:
+    """The OpenAPI 3.1 document of a route table."""
+    paths: dict = {}
+    for route in routes:
+        request, replies = API_DOCS[route.handler.__name__]
+        params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for p in re.findall(r"{(\w+)}", route.name)]
+        params += [{"name": q, "in": "query", "required": False, "schema": {"type": kind}}
+                   for q, kind in API_QUERY.get(route.handler.__name__, {}).items()]
+        responses = {}
+        for status, schema in replies.items():
+            reply: dict = {"description": "success" if status < "300" else "not ready"}
+            if schema == "text":
+                reply["content"] = {"text/plain": {"schema": {"type": "string"}}}
+            elif schema:
+                reply["content"] = {"application/json": {"schema": _S(schema)}}
+            responses[status] = reply
+        responses["default"] = {"description": "error", "content": {"application/json": {"schema": _S("Error")}}}
+        op = {"operationId": route.handler.__name__, "summary": (route.handler.__doc__ or "").strip().splitlines()[0],
+              "security": API_SECURITY[route.access], "parameters": params, "responses": responses}
+        if request:
+            kinds = ["application/json"] if request != "Payload" else [
+                "application/json", "application/x-www-form-urlencoded", "multipart/form-data", "text/plain",
+                "application/cloudevents+json", "application/cloudevents-batch+json"]
+            op["requestBody"] = {"required": request != "Payload",
+                                 "content": {kind: {"schema": _S(request)} for kind in kinds}}
+        paths.setdefault(route.name, {})[route.method.lower()] = op
+    return {"openapi": "3.1.0", "info": {"title": "moxxy-webhooks", "version": __version__},
+            "paths": paths, "components": {"securitySchemes": API_SECURITY_SCHEMES, "schemas": OPENAPI_SCHEMAS}}
+
+
 def _duplicate_reply(earlier: Any) -> Response:
     """The answer to a repeat: 200, the earlier delivery's id, status and response."""
     return Response.json(200, {"success": True, "duplicate": True, "delivery_id": earlier["id"],
@@ -5004,20 +5128,7 @@ class App:
 
     def openapi(self, req: Request) -> Response:
         """This API's description (OpenAPI 3.1)."""
-        paths: dict = {}
-        for route in self.routes:
-            params = re.findall(r"{(\w+)}", route.name)
-            op = {"summary": (route.handler.__doc__ or "").strip().splitlines()[0],
-                  "security": [{"admin": []}] if route.access == "admin" else [],
-                  "parameters": [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params],
-                  "responses": {"200": {"description": "success"}, "default": {"description": "error",
-                                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}}}
-            paths.setdefault(route.name, {})[route.method.lower()] = op
-        doc = {"openapi": "3.1.0", "info": {"title": "moxxy-webhooks", "version": __version__}, "paths": paths,
-               "components": {"securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
-                              "schemas": {"Error": {"type": "object", "properties": {
-                                  "success": {"type": "boolean"}, "error": {"type": "string"}, "code": {"type": "string"}}}}}}
-        return Response.json(200, doc)
+        return Response.json(200, openapi_document(self.routes))
 
     # --- generic webhook ---
 

@@ -5393,6 +5393,38 @@ def test_healthz_metrics_openapi(shared):
     assert "post" in doc["paths"]["/api/webhooks/generic"] and "get" in doc["paths"]["/api/deliveries/{id}"]
 
 
+def test_the_openapi_document_is_valid_and_describes_real_replies(gw):
+    import jsonschema
+    from openapi_spec_validator import validate
+    doc = gw.request("GET", "/api/openapi.json")[2]
+    validate(doc)  # the OpenAPI 3.1 schema, by its own validator
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            assert op["summary"] and "default" in op["responses"] and op["operationId"], (method, path)
+            if method in ("post", "put") and op["security"] != [] and op["operationId"] != "retry_delivery":
+                assert "requestBody" in op, (method, path)  # every route that reads a body says which
+
+    def conforms(instance, name):
+        jsonschema.validate(instance, {"$ref": f"#/components/schemas/{name}", "components": doc["components"]})
+
+    created = gw.admin_call("POST", "/api/webhooks", {"name": "doc", "secret": "s"})[2]
+    conforms(created, "Webhook")
+    conforms(gw.admin_call("GET", "/api/webhooks")[2], "WebhookList")
+    conforms(gw.admin_call("GET", "/api/agents")[2], "AgentList")
+    reply = gw.generic({"message": "documented"})[2]
+    conforms(reply, "Reply")
+    conforms(gw.admin_call("GET", f"/api/deliveries/{reply['delivery_id']}?wait=5")[2], "Delivery")
+    conforms(gw.generic({"message": "later", "response_mode": "async"})[2], "Queued")
+    conforms(gw.request("GET", "/healthz")[2], "Health")
+    conforms(gw.request("GET", "/readyz")[2], "Ready")
+    conforms(gw.generic({"message": ""})[2], "Error")
+    conforms(gw.admin_call("DELETE", "/api/webhooks/doc")[2], "Deleted")
+
+
+def test_every_route_has_its_openapi_entry(gw):
+    assert {r.handler.__name__ for r in gw.app.routes} == set(mw.API_DOCS)
+
+
 def test_metrics_count_outcomes_and_pass_promtool(gw):
     create(gw, {"name": "gh", "secret": "s", "filters": {"include": ["push"]}})
     post(gw, "gh", b"{}", {"X-Hub-Signature-256": "sha256=" + "0" * 64})  # a wrong signature
