@@ -5929,6 +5929,12 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
 
 
 pass_state = click.make_pass_decorator(CliState)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+
+
+def _said(as_json: bool, doc: dict, text: str) -> None:
+    """Print a command's result: one sentence for people, or the same as JSON."""
+    _echo_json(doc) if as_json else click.echo(text)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -6131,15 +6137,17 @@ def _database_only(state: CliState, command: str) -> str:
 
 
 @cli.command()
+@json_option
 @pass_state
-def migrate(state: CliState) -> None:
+def migrate(state: CliState, as_json: bool) -> None:
     """Create or upgrade the PostgreSQL schema (idempotent; safe from several boxes at once)."""
     url = _database_only(state, "migrate")
     try:
         before, after = pg_migrate(url)
     except psycopg.Error as e:
         raise click.ClickException(f"cannot migrate the database at {state.backend.where}: {str(e).strip()[:300]}") from None
-    click.echo(f"schema version {after}" + (" (already)" if before == after else f" (was {before or 'none'})"))
+    _said(as_json, {"schema_version": after, "was": before},
+          f"schema version {after}" + (" (already)" if before == after else f" (was {before or 'none'})"))
 
 
 @cli.command(name="import")
@@ -6351,12 +6359,13 @@ def show(state: CliState, name: str) -> None:
 
 @cli.command()
 @click.argument("name")
+@json_option
 @pass_state
-def delete(state: CliState, name: str) -> None:
+def delete(state: CliState, name: str, as_json: bool) -> None:
     """Delete a webhook."""
     with _errors():
         delete_webhook(state.store, name)
-    click.echo(f"Deleted webhook '{name}'")
+    _said(as_json, {"deleted": name}, f"Deleted webhook '{name}'")
 
 
 def _set_field(state: CliState, name: str, change: Callable[[dict], None]) -> None:
@@ -6373,28 +6382,31 @@ def _set_field(state: CliState, name: str, change: Callable[[dict], None]) -> No
 
 @cli.command()
 @click.argument("name")
+@json_option
 @pass_state
-def enable(state: CliState, name: str) -> None:
+def enable(state: CliState, name: str, as_json: bool) -> None:
     """Enable a webhook."""
     _set_field(state, name, lambda cfg: cfg.__setitem__("enabled", True))
-    click.echo(f"Enabled webhook '{name}'")
+    _said(as_json, {"name": name, "enabled": True}, f"Enabled webhook '{name}'")
 
 
 @cli.command()
 @click.argument("name")
+@json_option
 @pass_state
-def disable(state: CliState, name: str) -> None:
+def disable(state: CliState, name: str, as_json: bool) -> None:
     """Disable a webhook (it answers 200 filtered, reason disabled)."""
     _set_field(state, name, lambda cfg: cfg.__setitem__("enabled", False))
-    click.echo(f"Disabled webhook '{name}'")
+    _said(as_json, {"name": name, "enabled": False}, f"Disabled webhook '{name}'")
 
 
 @cli.command()
 @click.argument("name")
 @click.option("--grace", default=24.0, show_default=True, type=click.FloatRange(min=0),
               help="Hours the old secret stays valid (0: it stops at once).")
+@json_option
 @pass_state
-def rotate(state: CliState, name: str, grace: float) -> None:
+def rotate(state: CliState, name: str, grace: float, as_json: bool) -> None:
     """Issue a new secret; the old one stays valid for the grace period."""
     new = secrets.token_urlsafe(24)
 
@@ -6406,8 +6418,9 @@ def rotate(state: CliState, name: str, grace: float) -> None:
         cfg["secret"], cfg["previous_secrets"] = new, old
 
     _set_field(state, name, change)
-    click.echo(f"New secret for '{name}' (shown once): {new}\nThe old secret stays valid for {grace:g} "
-               f"hour{'' if grace == 1 else 's'}.")
+    _said(as_json, {"name": name, "secret": new, "old_secret_valid_hours": grace},
+          f"New secret for '{name}' (shown once): {new}\nThe old secret stays valid for {grace:g} "
+          f"hour{'' if grace == 1 else 's'}.")
 
 
 @cli.command(name="test")
@@ -6433,17 +6446,18 @@ def test_webhook(state: CliState, name: str, payload_file, header: tuple) -> Non
 
 
 @cli.command()
+@json_option
 @pass_state
-def check(state: CliState) -> None:
+def check(state: CliState, as_json: bool) -> None:
     """Validate the data directory: files, vault references, agents, webhooks."""
     log.disabled = True  # every problem is listed below, once, with its detail
     try:
-        _check(state)
+        _check(state, as_json)
     finally:
         log.disabled = False
 
 
-def _check(state: CliState) -> None:
+def _check(state: CliState, as_json: bool = False) -> None:
     problems = []
     agents_raw: dict = {}
     webhooks_raw: dict = {}
@@ -6491,11 +6505,17 @@ def _check(state: CliState) -> None:
                 parse_networks(state.vault.get(key), key)
     except (DataFileError, ConfigError) as e:
         problems.append(str(getattr(e, "message", e)))
-    if problems:
+    if as_json:
+        _echo_json({"ok": not problems, "problems": problems, "data": state.backend.where,
+                    "webhooks": len(webhooks_raw), "agents": len(agents)})
+    else:
         for p in problems:
             click.echo(f"problem: {p}", err=True)
+    if problems:
         raise click.exceptions.Exit(1)
-    click.echo(f"ok: {state.backend.where} ({len(webhooks_raw)} webhooks, {len(agents)} agents)")
+    if not as_json:
+        click.echo(f"ok: {state.backend.where} ({len(webhooks_raw)} webhook{'' if len(webhooks_raw) == 1 else 's'}, "
+                   f"{len(agents)} agent{'' if len(agents) == 1 else 's'})")
 
 
 def _server_url(state: CliState, url: str | None) -> str:
@@ -6570,9 +6590,10 @@ def agent() -> None:
 @click.option("--generic", is_flag=True, help="Let the generic webhook use this command agent.")
 @click.option("--echo", is_flag=True, help="An echo agent (answers with the message).")
 @click.option("--replace", is_flag=True, help="Replace an existing agent of that name.")
+@json_option
 @pass_state
 def agent_add(state: CliState, name: str, command, url, openai_url, model, system, api_key, header, env_vars,
-              timeout, generic, echo, replace) -> None:
+              timeout, generic, echo, replace, as_json) -> None:
     """Add an agent."""
     kinds = [k for k, v in (("command", command), ("http", url), ("openai", openai_url), ("echo", echo)) if v]
     if len(kinds) != 1:
@@ -6614,7 +6635,8 @@ def agent_add(state: CliState, name: str, command, url, openai_url, model, syste
         cfg["timeout"] = timeout
     with _errors():
         save_agent(state.writable().store, name, cfg, create=not replace)
-    click.echo(f"{'Replaced' if replace else 'Added'} {kinds[0]} agent '{name}'")
+    _said(as_json, {"name": name, "kind": kinds[0], "replaced": replace},
+          f"{'Replaced' if replace else 'Added'} {kinds[0]} agent '{name}'")
 
 
 @agent.command(name="list")
@@ -6636,12 +6658,13 @@ def agent_list(state: CliState, as_json: bool) -> None:
 
 @agent.command(name="remove")
 @click.argument("name")
+@json_option
 @pass_state
-def agent_remove(state: CliState, name: str) -> None:
+def agent_remove(state: CliState, name: str, as_json: bool) -> None:
     """Remove an agent (refused while a webhook uses it)."""
     with _errors():
         remove_agent(state.store, name)
-    click.echo(f"Removed agent '{name}'")
+    _said(as_json, {"removed": name}, f"Removed agent '{name}'")
 
 
 # --- vault ---
@@ -6655,8 +6678,9 @@ def vault() -> None:
 @vault.command(name="set")
 @click.argument("key")
 @click.argument("value")
+@json_option
 @pass_state
-def vault_set(state: CliState, key: str, value: str) -> None:
+def vault_set(state: CliState, key: str, value: str, as_json: bool) -> None:
     """Set KEY to VALUE ('-' reads stdin; ${env:NAME} and ${file:PATH} resolve when used)."""
     if value == "-":
         value = sys.stdin.read().rstrip("\r\n")
@@ -6665,7 +6689,7 @@ def vault_set(state: CliState, key: str, value: str) -> None:
             parse_networks(value, key)
     with _errors():
         state.writable().vault.set(key, value)
-    click.echo(f"Set {key}")
+    _said(as_json, {"set": key}, f"Set {key}")
 
 
 @vault.command(name="get")
@@ -6681,23 +6705,29 @@ def vault_get(state: CliState, key: str) -> None:
 
 
 @vault.command(name="list")
+@json_option
 @pass_state
-def vault_list(state: CliState) -> None:
+def vault_list(state: CliState, as_json: bool) -> None:
     """List keys (never values)."""
     with _errors():
-        for key in sorted(state.vault.file.current(strict=True)):
-            click.echo(key)
+        keys = sorted(state.vault.file.current(strict=True))
+    if as_json:
+        _echo_json({"keys": keys})
+        return
+    for key in keys:
+        click.echo(key)
 
 
 @vault.command(name="delete")
 @click.argument("key")
+@json_option
 @pass_state
-def vault_delete(state: CliState, key: str) -> None:
+def vault_delete(state: CliState, key: str, as_json: bool) -> None:
     """Delete a key."""
     with _errors():
         if not state.vault.delete(key):
             raise NotFound(f"vault key '{key}' is not set")
-    click.echo(f"Deleted {key}")
+    _said(as_json, {"deleted": key}, f"Deleted {key}")
 
 
 # --- deliveries ---
@@ -6733,8 +6763,9 @@ def deliveries(ctx: click.Context, webhook, status, limit, as_json) -> None:
 @deliveries.command(name="retry")
 @click.argument("delivery_id")
 @click.option("--url", help="Server URL [default: the running server's].")
+@json_option
 @pass_state
-def deliveries_retry(state: CliState, delivery_id: str, url: str | None) -> None:
+def deliveries_retry(state: CliState, delivery_id: str, url: str | None, as_json: bool) -> None:
     """Replay a failed delivery on the running server."""
     with _errors():
         token = state.vault.get("admin_token")
@@ -6746,7 +6777,7 @@ def deliveries_retry(state: CliState, delivery_id: str, url: str | None) -> None
     doc = json.loads(body or b"{}")
     if status >= 300:
         raise click.ClickException(doc.get("error", f"HTTP {status}"))
-    click.echo(f"Queued delivery {delivery_id} again")
+    _said(as_json, doc, f"Queued delivery {delivery_id} again")
 
 
 def main() -> None:

@@ -6224,7 +6224,7 @@ def test_check_ok_on_a_good_dir(runner):
     runner("vault", "set", "webhook_allowed_ips", "10.0.0.0/8,::1")
     result = runner("check")
     assert result.exit_code == 0, result.output
-    assert result.stdout == f"ok: {runner.data_dir} (1 webhooks, 2 agents)\n"
+    assert result.stdout == f"ok: {runner.data_dir} (1 webhook, 2 agents)\n"
 
 
 def test_check_lists_every_problem(runner, monkeypatch):
@@ -6679,6 +6679,25 @@ def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path):
         pytest.skip("systemd-analyze is not installed")
     checked = subprocess.run(["systemd-analyze", "verify", unit], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr
+
+
+def test_commands_that_print_a_result_print_it_as_json_too(runner):
+    def as_json(*args):
+        result = runner(*args, "--json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    assert as_json("vault", "set", "telegram_agent", "default") == {"set": "telegram_agent"}
+    assert as_json("vault", "list") == {"keys": ["telegram_agent"]}
+    assert as_json("agent", "add", "e", "--echo") == {"name": "e", "kind": "echo", "replaced": False}
+    assert as_json("create", "j", "--secret", "s")["name"] == "j"
+    assert as_json("disable", "j") == {"name": "j", "enabled": False}
+    assert as_json("enable", "j") == {"name": "j", "enabled": True}
+    assert set(as_json("rotate", "j")) == {"name", "secret", "old_secret_valid_hours"}
+    assert as_json("check") == {"ok": True, "problems": [], "data": runner.data_dir, "webhooks": 1, "agents": 2}
+    assert as_json("delete", "j") == {"deleted": "j"}
+    assert as_json("agent", "remove", "e") == {"removed": "e"}
+    assert as_json("vault", "delete", "telegram_agent") == {"deleted": "telegram_agent"}
 
 
 def test_serve_on_a_busy_port_says_so(runner):
