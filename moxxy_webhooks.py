@@ -6152,8 +6152,9 @@ def migrate(state: CliState, as_json: bool) -> None:
 
 @cli.command(name="import")
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
+@json_option
 @pass_state
-def import_dir(state: CliState, source: str) -> None:
+def import_dir(state: CliState, source: str, as_json: bool) -> None:
     """Copy a data directory into the database: webhooks, agents, vault, seen ids, unfinished work."""
     _database_only(state, "import")
     src = open_backend(Paths.resolve(source))
@@ -6187,8 +6188,11 @@ def import_dir(state: CliState, source: str) -> None:
                 log_db.query("SELECT * FROM deliveries WHERE status IN ('queued', 'running')"),
                 log_db.query("SELECT * FROM seen WHERE seen_at > ?", (clock() - DEDUPE_WINDOW,)),
                 log_db.query("SELECT * FROM replies WHERE status = 'queued'"))
-    click.echo(f"Imported {hooks} webhook(s), {len(raw.get('agents', {}))} agent(s), {len(vault_doc)} vault key(s), "
-               f"{jobs} unfinished deliveries and {seen} seen delivery ids from {os.path.abspath(source)}")
+    agents = len(raw.get("agents", {}))
+    _said(as_json, {"webhooks": hooks, "agents": agents, "vault_keys": len(vault_doc), "unfinished_deliveries": jobs,
+                    "seen_ids": seen, "source": os.path.abspath(source)},
+          f"Imported {hooks} webhook(s), {agents} agent(s), {len(vault_doc)} vault key(s), "
+          f"{jobs} unfinished deliveries and {seen} seen delivery ids from {os.path.abspath(source)}")
 
 
 @cli.command()
