@@ -6718,6 +6718,9 @@ def vault_list(state: CliState, as_json: bool) -> None:
     if as_json:
         _echo_json({"keys": keys})
         return
+    if not keys:
+        click.echo("The vault is empty: 'moxxy-webhooks serve' generates webhook_secret and admin_token, "
+                   "or set a key with 'moxxy-webhooks vault set KEY VALUE'", err=True)
     for key in keys:
         click.echo(key)
 
@@ -6758,6 +6761,10 @@ def deliveries(ctx: click.Context, webhook, status, limit, as_json) -> None:
         rows = state.backend.open_deliveries(Options()).list(webhook, status, limit)
     if as_json:
         _echo_json({"deliveries": rows})
+        return
+    if not rows:  # an empty table says what to do next
+        click.echo("No deliveries" + (" match" if webhook or status else " yet") +
+                   ": send one with 'moxxy-webhooks send hello', or see the webhooks with 'moxxy-webhooks list'")
         return
     _table([[r["id"], r["webhook"], r["agent"], r["status"], str(r["attempts"]), r["created_at"],
              (r["error"] or r["response"] or "")[:40].replace("\n", " ")] for r in rows],
