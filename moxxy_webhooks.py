@@ -4749,7 +4749,7 @@ OPENAPI_SCHEMAS = {
                                                                                    "description": "*** (or the generated one, once)"}}},
     "WebhookList": {"type": "object", "properties": {"webhooks": {"type": "array", "items": _S("Webhook")}}},
     "AgentConfig": {"type": "object", "description": "README: Agents", "required": ["kind"], "properties": {
-        "name": {"type": "string"}, "kind": {"enum": ["echo", "command", "http", "openai"]}, "url": {"type": "string"},
+        "name": {"type": "string", "pattern": NAME_RE.pattern}, "kind": {"enum": ["echo", "command", "http", "openai"]}, "url": {"type": "string"},
         "base_url": {"type": "string"}, "model": {"type": "string"}, "system": {"type": "string"},
         "api_key": {"type": "string"}, "headers": {"type": "object"}, "argv": {"type": "array", "items": {"type": "string"}},
         "env": {"type": "object"}, "cwd": {"type": "string"}, "generic": {"type": "boolean"}, "timeout": {"type": "number"}}},
@@ -4759,7 +4759,8 @@ OPENAPI_SCHEMAS = {
     "Health": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"},
                                                                         "database": {"enum": ["ok", "failing"]}}},
     "Ready": {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}, "reason": {"type": "string"}}},
-    "Payload": {"description": "Whatever the sender sends: JSON, a form, multipart, text, XML, CloudEvents (README: Bodies)"},
+    "Payload": {"type": "object", "description": "What the sender sends (README: Bodies): a JSON object, a form, "
+                                                  "multipart, a CloudEvent; text and XML below"},
 }
 # handler name -> (request body schema or None, {status: reply schema, or "text" for text/plain, or None})
 API_DOCS = {
@@ -4824,12 +4825,14 @@ def openapi_document(routes: list) -> dict:
         responses["default"] = {"description": "error", "content": {"application/json": {"schema": _S("Error")}}}
         op = {"operationId": route.handler.__name__, "summary": (route.handler.__doc__ or "").strip().splitlines()[0],
               "security": API_SECURITY[route.access], "parameters": params, "responses": responses}
-        if request:
-            kinds = ["application/json"] if request != "Payload" else [
-                "application/json", "application/x-www-form-urlencoded", "multipart/form-data", "text/plain",
-                "application/cloudevents+json", "application/cloudevents-batch+json"]
-            op["requestBody"] = {"required": request != "Payload",
-                                 "content": {kind: {"schema": _S(request)} for kind in kinds}}
+        if request == "Payload":
+            content = {kind: {"schema": _S("Payload")} for kind in (
+                "application/json", "application/x-www-form-urlencoded", "multipart/form-data", "application/cloudevents+json")}
+            content["application/cloudevents-batch+json"] = {"schema": {"type": "array", "items": {"type": "object"}}}
+            content["text/plain"] = {"schema": {"type": "string"}}
+            op["requestBody"] = {"required": False, "content": content}
+        elif request:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _S(request)}}}
         paths.setdefault(route.name, {})[route.method.lower()] = op
     return {"openapi": "3.1.0", "info": {"title": "moxxy-webhooks", "version": __version__},
             "paths": paths, "components": {"securitySchemes": API_SECURITY_SCHEMES, "schemas": OPENAPI_SCHEMAS}}
@@ -5274,7 +5277,7 @@ class App:
     def cloudevents_handshake(self, req: Request) -> Response:
         """The CloudEvents webhook validation handshake (OPTIONS with WebHook-Request-Origin)."""
         self._webhook(req, req.params["name"])
-        headers = {"Allow": "POST, OPTIONS"}
+        headers = {"Allow": ", ".join(sorted({r.method for r in self.routes if r.name == req.route.name}))}
         origin = req.headers.get("webhook-request-origin", "")
         if origin:
             if not re.fullmatch(r"[A-Za-z0-9.:*-]{1,253}", origin):

@@ -4734,7 +4734,7 @@ def test_the_cloudevents_validation_handshake(gw):
     status, headers, _ = gw.request("OPTIONS", "/api/webhooks/grid", headers={
         "WebHook-Request-Origin": "eventemitter.example.com", "WebHook-Request-Rate": "120"})
     assert status == 200
-    assert headers["webhook-allowed-origin"] == "eventemitter.example.com" and headers["allow"] == "POST, OPTIONS"
+    assert headers["webhook-allowed-origin"] == "eventemitter.example.com" and headers["allow"] == "DELETE, GET, OPTIONS, POST, PUT"
     assert headers["webhook-allowed-rate"] == "*"
     assert gw.request("OPTIONS", "/api/webhooks/nope")[0] == 404
 
