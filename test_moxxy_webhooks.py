@@ -2182,13 +2182,13 @@ def test_an_expired_lease_is_taken_over_and_the_old_claimer_cannot_write(pg_url)
 
 
 def test_a_heartbeat_keeps_a_long_job_and_a_poison_job_ends_failed(pg_url):
-    live = pg_store(pg_url, lease=0.5)
-    other = pg_store(pg_url, lease=0.5)
+    live = pg_store(pg_url, lease=1.0)  # heartbeats every 1/6 s
+    other = pg_store(pg_url, lease=1.0)
     try:
         kept = job()
         live.enqueue(kept)
         assert live.next_job(5)["id"] == kept["id"]
-        assert other.next_job(1.5) is None  # three leases later, the heartbeat still holds it
+        assert other.next_job(2.5) is None  # leases later, the heartbeat still holds it
         # a job that kills its gateway every time: attempts are counted at claim, so it ends failed
         poison = job(max_attempts=2)
         other.enqueue(poison)
