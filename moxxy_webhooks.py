@@ -3229,6 +3229,8 @@ class PgDeliveryStore(DeliveryStore):
                     self.on_config("*")
                     while not self._closed:
                         for note in conn.notifies(timeout=1.0, stop_after=64):
+                            if self._closed:  # close() sends a NOTIFY so that this is seen at once
+                                break
                             if note.payload.startswith("config:"):
                                 self.on_config(note.payload[7:])
                             elif note.payload in ("jobs", "jobs-all", "replies"):
@@ -4687,13 +4689,9 @@ def evaluate_webhook(wh: Webhook, payload: dict, headers: dict, query: dict) -> 
     return Evaluation(context, event_type, event, reason, message)
 
 
-def split_payload(wh: Webhook, payload: dict) -> list[dict]:
-    """Each ``transform.split`` match becomes its own payload, its fields over the parent's."""
-    return [merged for merged, _ in split_items(wh, payload)]
-
-
 def split_items(wh: Webhook, payload: dict) -> list[tuple[dict, Any]]:
-    """(payload, the item as sent) for each ``transform.split`` match; one (payload, None) without split."""
+    """(payload, the item as sent) for each ``transform.split`` match, its fields over the parent's;
+    one (payload, None) without split."""
     if wh.split is None:
         return [(payload, None)]
     return [({**payload, **item} if isinstance(item, dict) else {**payload, "item": item}, item)
@@ -6448,7 +6446,7 @@ def test_webhook(state: CliState, name: str, payload_file, header: tuple) -> Non
         if wh is None:
             raise NotFound(f"unknown webhook '{name}'")
         payload = Request("POST", f"/api/webhooks/{name}/trigger", headers, body=payload_file.read()).json_object(True, {})
-        items = [evaluate_webhook(wh, item, headers, {}).dry_run() for item in split_payload(wh, payload)]
+        items = [evaluate_webhook(wh, item, headers, {}).dry_run() for item, _ in split_items(wh, payload)]
     _echo_json({"webhook": name, "agent": wh.agent, **(items[0] if len(items) == 1 else {"items": items})})
 
 
