@@ -2284,7 +2284,7 @@ def run_command(argv: list[str], message: str, env: dict, timeout: float, name: 
     stderr_tail = err.decode("utf-8", "replace").strip()
     if code != 0:
         how = f"signal {-code}" if code < 0 else f"status {code}"
-        raise AgentError(f"agent '{name}' failed (exit {how})", f"exit {how}: {stderr_tail}")
+        raise AgentError(f"agent '{name}' failed (exit {how})", f"exit {how}: {stderr_tail or '(nothing on stderr)'}")
     if len(out) > MAX_AGENT_OUTPUT:
         out = out[:MAX_AGENT_OUTPUT]
         log.warning("agent %s: output cut at %d bytes", name, MAX_AGENT_OUTPUT)
@@ -5970,9 +5970,10 @@ def _configure_logging(level: str, fmt: str, log_file: str | None) -> None:
 
 
 @cli.command()
-@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on.")
+@click.option("--host", default=DEFAULT_HOST, show_default=True, envvar="MOXXY_WEBHOOKS_HOST",
+              help="Address to listen on (or MOXXY_WEBHOOKS_HOST).")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535),
-              help="Port (0 picks a free one).")
+              envvar="MOXXY_WEBHOOKS_PORT", help="Port, 0 picks a free one (or MOXXY_WEBHOOKS_PORT).")
 @click.option("--max-body", default=DEFAULT_MAX_BODY, show_default=True, type=int, help="Body limit in bytes.")
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 256), help="Async worker threads.")
 @click.option("--queue-size", default=1000, show_default=True, type=click.IntRange(1), help="Async jobs held at once.")

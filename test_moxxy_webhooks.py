@@ -7034,3 +7034,127 @@ def test_readme_filter_reasons(gw):
     assert post({"source": "test", "severity": "debug"}) == ("event 'test.debug' matches no include pattern "
                                                              "(*.critical, *.warning)", "test.debug")
     assert post({"source": "prom", "severity": "warning"}) == ("condition is false: $.severity == 'critical'", "prom.warning")
+
+
+# --- the README, run top to bottom ---
+
+README = os.path.join(os.path.dirname(MODULE), "README.md")
+FENCE = re.compile(r"^(\s*(?:\d+\.\s+)?)```(\S*)\s*$")  # also a list item's "2. ```sh"
+NOT_RUN = re.compile(r"<!-- not run by the README test: (.+?) -->")
+
+
+def readme_blocks(text: str):
+    """Every fenced block of ``text`` as (line of its first body line, info string, body lines, why not run or None)."""
+    lines, blocks, i = text.split("\n"), [], 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, info = m.groups()
+        before = next((line for line in reversed(lines[:i]) if line.strip()), "")
+        skipped = NOT_RUN.search(before)
+        start, i = i + 1, i + 1
+        while not FENCE.match(lines[i]):
+            i += 1
+        body = [line[len(indent):] if not line[:len(indent)].strip() else line.strip() for line in lines[start:i]]
+        blocks.append((start + 1, info, body, skipped.group(1) if skipped else None))
+        i += 1
+    return blocks
+
+
+def console_commands(body: list[str]):
+    """A console block's ``$ command`` entries (continuation lines joined) with the output lines shown after each."""
+    entries = []
+    for line in body:
+        if line.startswith("$ "):
+            entries.append([line[2:], []])
+        elif entries and entries[-1][0].endswith("\\") and not entries[-1][1]:
+            entries[-1][0] += "\n" + line
+        elif entries:
+            entries[-1][1].append(line)
+    return entries
+
+
+def shown(expected: list[str]) -> re.Pattern:
+    """The output a README shows, as a pattern: ``...`` stands for anything, the rest is literal."""
+    return re.compile("\n".join(".*".join(map(re.escape, line.split("..."))) for line in expected))
+
+
+def readme_script(text: str, work: str):
+    """The README's sh and console blocks, in order, as one bash script; and the console outputs it must print.
+
+    Each ``sh`` block runs as written (curl answering an HTTP error fails the run: ``--fail-with-body``). A
+    ``console`` block's commands write their output to a file, compared afterwards with what the block shows;
+    a ``serve`` there is the first terminal: it runs in the background and the script goes on once it listens.
+    """
+    script = ["set -Eeuo pipefail",
+              # which line failed: the caller's when it was inside the curl function
+              'trap \'s=$? l=$LINENO; [ -z "${FUNCNAME:-}" ] || l=${BASH_LINENO[0]}; '
+              'echo "script line $l failed (exit $s): $BASH_COMMAND" >&2\' ERR',
+              # an HTTP error fails the run, unless the README's curl says how to fail (-f)
+              'curl() { case " $* " in *" -f"*) command curl "$@" ;; *) command curl --fail-with-body -sS "$@" ;; esac; echo; }']
+    where, consoles = {}, []
+    for line, info, body, skipped in readme_blocks(text):
+        if skipped or info not in ("sh", "console"):
+            continue
+        if info == "sh":
+            for offset, command in enumerate(body):
+                where[len(script) + 1] = line + offset
+                script.append(command)
+            continue
+        for command, expected in console_commands(body):
+            out = os.path.join(work, f"console-{len(consoles)}.out")
+            consoles.append((line, command, expected, out))
+            where[len(script) + 1] = line
+            if command.split()[-1] == "serve":
+                script += [f"{command} > {out} 2>&1 &",
+                           f"for _ in $(seq 200); do grep -q 'listening on' {out} && break; sleep 0.05; done",
+                           f"grep -q 'listening on' {out}"]
+            else:
+                script.append(f"{command} > {out} 2>&1")
+    return "\n".join(script) + "\n", where, consoles
+
+
+def test_readme_runs_top_to_bottom(tmp_path, recorder):
+    """Every shell block of the README, copied in order into one fresh shell on a fresh data directory, works.
+
+    The stand-ins: the gateway's port (17890 may be taken here), Telegram's API (a local server) and
+    "your-server" (the gateway itself). Blocks marked ``not run by the README test`` say why in the README.
+    """
+    missing = [tool for tool in ("bash", "curl", "openssl", "jq") if not shutil.which(tool)]
+    if missing:
+        if os.environ.get("MOXXY_TEST_README") == "required":
+            pytest.fail(f"the README test needs {', '.join(missing)} (MOXXY_TEST_README=required)")
+        pytest.skip(f"the README test needs {', '.join(missing)}")
+    port, telegram = free_port(), recorder(lambda method, path, body: (200, {"ok": True, "result": True}))
+    home, work, bin_dir = tmp_path / "home", tmp_path / "work", tmp_path / "bin"
+    for d in (home, work, bin_dir):
+        d.mkdir()
+    (bin_dir / "moxxy-webhooks").write_text(  # what pip's console script does, for this checkout's module
+        f"#!{PY}\nimport sys\nsys.path.insert(0, {os.path.dirname(MODULE)!r})\n"
+        "import moxxy_webhooks\nmoxxy_webhooks.main()\n")
+    (bin_dir / "moxxy-webhooks").chmod(0o755)
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    for shown_as, here in (("17890", str(port)), ("https://api.telegram.org", telegram.url),
+                           ("https://your-server", f"http://127.0.0.1:{port}"), ("/home/me", str(home))):
+        text = text.replace(shown_as, here)
+    script, where, consoles = readme_script(text, str(work))
+    (tmp_path / "readme.sh").write_text(script)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOXXY_")}
+    env.update(HOME=str(home), PATH=f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}", MOXXY_WEBHOOKS_PORT=str(port))
+    proc = subprocess.Popen(["bash", str(tmp_path / "readme.sh")], cwd=work, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the first terminal's serve
+    failed = re.search(r"script line (\d+) failed", output)
+    assert proc.returncode == 0, (f"README.md:{where.get(int(failed.group(1)), '?') if failed else '?'} "
+                                  f"failed\n{output[-4000:]}")
+    for line, command, expected, out in consoles:
+        with open(out, encoding="utf-8") as f:
+            printed = f.read()
+        assert shown(expected).match(printed), f"README.md:{line}: `{command}` printed\n{printed}"
