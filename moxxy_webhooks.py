@@ -2385,7 +2385,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
     reply_to TEXT,
     created_at REAL NOT NULL,
     finished_at REAL,
-    next_attempt_at REAL
+    next_attempt_at REAL,
+    request TEXT,
+    replay_of TEXT,
+    history TEXT
 );
 CREATE INDEX IF NOT EXISTS deliveries_webhook ON deliveries (webhook, created_at);
 CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries (status, created_at);
@@ -2410,10 +2413,14 @@ CREATE TABLE IF NOT EXISTS replies (
 );
 """
 FINISHED = ("succeeded", "failed", "filtered", "duplicate")
+ADDED_COLUMNS = ("request", "replay_of", "history")  # added to deliveries after the first release
 INSERT_DELIVERY = ("INSERT OR REPLACE INTO deliveries (id, webhook, agent, status, attempts, max_attempts, event, "
-                   "message, context, response, error, reply_to, created_at, finished_at, next_attempt_at) "
-                   "VALUES (:id, :webhook, :agent, :status, :attempts, :max_attempts, :event, :message, :context, "
-                   ":response, :error, :reply_to, :created_at, :finished_at, :next_attempt_at)")
+                   "message, context, response, error, reply_to, created_at, finished_at, next_attempt_at, request, "
+                   "replay_of, history) VALUES (:id, :webhook, :agent, :status, :attempts, :max_attempts, :event, "
+                   ":message, :context, :response, :error, :reply_to, :created_at, :finished_at, :next_attempt_at, "
+                   ":request, :replay_of, :history)")
+LISTED = ("id, webhook, agent, status, attempts, event, response, error, created_at, finished_at, replay_of, "
+          "request IS NOT NULL AS has_request")  # a listing never reads the kept requests
 INSERT_REPLY = ("INSERT OR REPLACE INTO replies (id, delivery_id, kind, args, status, sent, attempts, error, created_at, "
                 "next_attempt_at) VALUES (:id, :delivery_id, :kind, :args, :status, :sent, :attempts, :error, "
                 ":created_at, :next_attempt_at)")
@@ -2431,10 +2438,11 @@ def delivery_row(**fields) -> dict:
     """A full row for INSERT_DELIVERY with defaults for what is not given."""
     row = dict(id=None, webhook="generic", agent="default", status="queued", attempts=0, max_attempts=1,
                event=None, message=None, context=None, response=None, error=None, reply_to=None,
-               created_at=clock(), finished_at=None, next_attempt_at=None)
+               created_at=clock(), finished_at=None, next_attempt_at=None, request=None, replay_of=None, history=None)
     row.update(fields)
-    if isinstance(row["context"], dict):
-        row["context"] = json_dumps(row["context"])
+    for key in ("context", "request", "history"):
+        if isinstance(row[key], (dict, list)):
+            row[key] = json_dumps(row[key])
     if isinstance(row["reply_to"], (list, tuple)):
         row["reply_to"] = json_dumps(list(row["reply_to"])) if row["reply_to"] else None
     return row
@@ -2443,12 +2451,19 @@ def delivery_row(**fields) -> dict:
 def public_delivery(row: sqlite3.Row | dict) -> dict:
     """A delivery record as the API shows it (no payload)."""
     row = dict(row)
-    return {
+    out = {
         "id": row["id"], "webhook": row["webhook"], "agent": row["agent"], "status": row["status"],
         "attempts": row["attempts"], "event": row["event"], "response": row["response"], "error": row["error"],
         "created_at": utcnow_iso(row["created_at"]),
         "finished_at": utcnow_iso(row["finished_at"]) if row["finished_at"] else None,
+        "has_request": bool(row.get("has_request", row.get("request"))),
     }
+    if row.get("replay_of"):
+        out["replay_of"] = row["replay_of"]
+        out["note"] = f"a replay of {row['replay_of']}: its authentication was checked when it came in, not again"
+    if row.get("history"):
+        out["history"] = json.loads(row["history"])
+    return out
 
 
 def connect_db(path: str) -> sqlite3.Connection:
@@ -2463,6 +2478,11 @@ def connect_db(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.executescript(DELIVERY_SCHEMA)
+    have = {r["name"] for r in conn.execute("PRAGMA table_info(deliveries)")}
+    for column in ADDED_COLUMNS:  # a deliveries.db from an earlier version
+        if column not in have:
+            with contextlib.suppress(sqlite3.OperationalError):  # another process added it first
+                conn.execute(f"ALTER TABLE deliveries ADD COLUMN {column} TEXT")
     for suffix in ("-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.chmod(path + suffix, 0o600)
@@ -2554,8 +2574,9 @@ class DeliveryStore:
         ``on_error`` with the reason (the caller keeps the status and writes it again)."""
         raise NotImplementedError
 
-    def reschedule(self, delivery_id: str, error: str, due: float | None) -> None:
-        """Put a job back in the queue after a failed attempt, due at ``due`` (None: at the next start)."""
+    def reschedule(self, delivery_id: str, error: str, due: float | None, history: str | None = None) -> None:
+        """Put a job back in the queue after a failed attempt, due at ``due`` (None: at the next start),
+        with ``history`` (JSON: the failed attempts so far) when given."""
         raise NotImplementedError
 
     def requeue(self, delivery_id: str, max_attempts: int) -> None:
@@ -2829,8 +2850,9 @@ class DeliveryLog(DeliveryStore):
     def complete(self, delivery_id: str, fields: dict, on_error: Callable[[str], None]) -> None:
         self.update(delivery_id, on_error=on_error, **fields)
 
-    def reschedule(self, delivery_id: str, error: str, due: float | None) -> None:
-        self.update(delivery_id, status="queued", error=error, **({"next_attempt_at": due} if due else {}))
+    def reschedule(self, delivery_id: str, error: str, due: float | None, history: str | None = None) -> None:
+        self.update(delivery_id, status="queued", error=error, **({"next_attempt_at": due} if due else {}),
+                    **({"history": history} if history else {}))
         if due is not None:
             self._jobs.put(delivery_id, due)
 
@@ -2891,7 +2913,7 @@ class DeliveryLog(DeliveryStore):
         limit = max(1, min(limit, 1000))
         pending = [r for r in list(self._unwritten.values())
                    if (not webhook or r["webhook"] == webhook) and (not status or r["status"] == status)]
-        sql, params = "SELECT * FROM deliveries WHERE 1=1", []
+        sql, params = f"SELECT {LISTED} FROM deliveries WHERE 1=1", []
         if webhook:
             sql += " AND webhook = ?"
             params.append(webhook)
@@ -2968,7 +2990,7 @@ try:
 except ImportError:  # only --database-url needs it
     psycopg = None
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PG_SCHEMA = [  # index = version - 1: each entry upgrades from the previous version
     """
     CREATE TABLE moxxy_config (name text PRIMARY KEY, doc json NOT NULL, version bigint NOT NULL);
@@ -2992,9 +3014,12 @@ PG_SCHEMA = [  # index = version - 1: each entry upgrades from the previous vers
     CREATE INDEX moxxy_replies_due ON moxxy_replies (run_at) WHERE status = 'queued';
     CREATE TABLE moxxy_buckets (key text PRIMARY KEY, tokens double precision NOT NULL, at timestamptz NOT NULL);
     """,
+    # 2: kept requests, replays and the trace of each failed attempt
+    "ALTER TABLE moxxy_deliveries ADD COLUMN request text, ADD COLUMN replay_of text, ADD COLUMN history text;",
 ]
 DELIVERY_COLUMNS = ("id", "webhook", "agent", "status", "attempts", "max_attempts", "event", "message", "context",
-                    "response", "error", "reply_to", "created_at", "finished_at", "next_attempt_at")
+                    "response", "error", "reply_to", "created_at", "finished_at", "next_attempt_at", "request",
+                    "replay_of", "history")
 REPLY_COLUMNS = ("id", "delivery_id", "kind", "args", "status", "sent", "attempts", "error", "created_at",
                  "next_attempt_at")
 
@@ -3374,11 +3399,11 @@ class PgDeliveryStore(DeliveryStore):
                 self._claims[delivery_id] = token  # keep the lease alive while the status waits to be written
             on_error(e.message)
 
-    def reschedule(self, delivery_id: str, error: str, due: float | None) -> None:
+    def reschedule(self, delivery_id: str, error: str, due: float | None, history: str | None = None) -> None:
         delay = max(0.0, due - clock()) if due else 0.0
         self._fenced(delivery_id, self._release(delivery_id),
-                     "status = 'queued', error = %s, next_attempt_at = %s, run_at = now() + make_interval(secs => %s)",
-                     (error, due, delay))
+                     "status = 'queued', error = %s, next_attempt_at = %s, run_at = now() + make_interval(secs => %s), "
+                     "history = coalesce(%s, history)", (_pg_text(error), due, delay, history))
 
     def requeue(self, delivery_id: str, max_attempts: int) -> None:
         with self.pool.connection() as conn, conn.transaction():
@@ -3440,7 +3465,7 @@ class PgDeliveryStore(DeliveryStore):
         return rows[0] if rows else None
 
     def list(self, webhook: str | None = None, status: str | None = None, limit: int = 50) -> list[dict]:
-        rows = self.pool.execute("SELECT * FROM moxxy_deliveries WHERE (%(w)s::text IS NULL OR webhook = %(w)s) "
+        rows = self.pool.execute(f"SELECT {LISTED} FROM moxxy_deliveries WHERE (%(w)s::text IS NULL OR webhook = %(w)s) "
                                  "AND (%(s)s::text IS NULL OR status = %(s)s) ORDER BY created_at DESC LIMIT %(n)s",
                                  {"w": webhook or None, "s": status or None, "n": max(1, min(limit, 1000))})
         return [public_delivery(r) for r in rows]
@@ -3968,11 +3993,14 @@ class DeliveryEngine:
             if not self.accepting:  # stopping: leave it queued for the next start, not dead-lettered
                 self.store.reschedule(delivery_id, error, None)
                 return True
+            history = json_dumps(json.loads(row.get("history") or "[]")
+                                 + [{"attempt": attempts, "at": utcnow_iso(), "error": error[-500:]}])
             if attempts < row["max_attempts"]:
-                self.store.reschedule(delivery_id, error, clock() + backoff_delay(attempts, self.options.retry_base))
+                self.store.reschedule(delivery_id, error, clock() + backoff_delay(attempts, self.options.retry_base),
+                                      history)
                 log.info("delivery %s: attempt %d failed, retrying: %s", delivery_id, attempts, error[-300:])
                 return False
-            final = dict(status="failed", error=error, finished_at=clock())
+            final = dict(status="failed", error=error, finished_at=clock(), history=history)
         else:
             final = dict(status="succeeded", response=response, error=None, message=None, context=None,
                          finished_at=clock(), next_attempt_at=None)
