@@ -946,6 +946,10 @@ SECRET_HEADERS = frozenset({"authorization", "cookie", "x-webhook-secret", "x-gi
 SCHEME_HEADERS = {"header": ("x-webhook-secret",), "github": ("x-hub-signature-256", "x-hub-signature"),
                   "standard": ("webhook-signature", "svix-signature"), "gitlab": ("x-gitlab-token",),
                   "twilio": ("x-twilio-signature",), **{n: p.headers for n, p in SIGNATURE_PRESETS.items()}}
+# headers that carry a secret, a token or a signature: never kept with a request
+CREDENTIAL_HEADERS = frozenset(name for names in SCHEME_HEADERS.values() for name in names) | {
+    "authorization", "proxy-authorization", "cookie", "x-api-key", "x-auth-token", "x-slack-signature",
+    "x-telegram-bot-api-secret-token", "x-signature-ed25519"}
 
 
 def presented_scheme(headers: dict, schemes: Iterable[str], own: "SignatureScheme | None" = None) -> str:
@@ -1749,7 +1753,8 @@ def validate_agent(name: str, cfg: Any) -> AgentConfig:
 
 WEBHOOK_FIELDS = {"name", "agent", "secret", "previous_secrets", "response_mode", "transform", "filters",
                   "allowed_ips", "enabled", "auth", "max_concurrency", "timeout", "reply_to", "description",
-                  "created_at", "updated_at", "signature", "accept_binary", "public_url"}
+                  "created_at", "updated_at", "signature", "accept_binary", "public_url", "keep_requests",
+                  "on_failure"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1778,6 +1783,8 @@ class Webhook:
     accept_binary: bool = False  # a binary body becomes {"body_base64", ...} instead of a 415
     split_key: Any = None  # JSONPath naming a split item (its dedupe key)
     public_url: str | None = None  # the URL the sender calls, for schemes that sign it (Twilio)
+    keep_requests: bool = False  # keep each request (secrets removed) with its deliveries, for replay
+    on_failure: tuple = ()  # targets POSTed when a delivery fails and when the webhook recovers
 
     def valid_secrets(self, now: float) -> list[str]:
         """The secrets accepted now (a rotated-out one until its grace ends); references resolved, fail closed."""
@@ -1791,10 +1798,11 @@ class Webhook:
         out["has_secret"] = bool(self.config.get("secret"))
         if self.config.get("secret"):
             out["secret"] = REDACTED
-        out["reply_to"] = [{"url": t["url"], "headers": {k: REDACTED for k in t.get("headers", {})}}
-                           for t in self.config.get("reply_to", [])]
-        if not out["reply_to"]:
-            del out["reply_to"]
+        for field in ("reply_to", "on_failure"):
+            out[field] = [{"url": t["url"], "headers": {k: REDACTED for k in t.get("headers", {})}}
+                          for t in self.config.get(field, [])]
+            if not out[field]:
+                del out[field]
         return out
 
 
@@ -1863,13 +1871,6 @@ def validate_webhook(name: str, cfg: Any, agents: dict) -> Webhook:
     concurrency = _expect(cfg, "max_concurrency", int, "max_concurrency")
     if concurrency is not None and concurrency < 1:
         raise ConfigError("max_concurrency", "must be at least 1")
-    reply_to = _expect(cfg, "reply_to", list, "reply_to", default=[])
-    for i, target in enumerate(reply_to):
-        if not isinstance(target, dict):
-            raise ConfigError(f"reply_to[{i}]", "must be {\"url\": ..., \"headers\": {...}}")
-        _check_keys(target, {"url", "headers"}, f"reply_to[{i}]")
-        _url(target.get("url"), f"reply_to[{i}].url")
-        _str_dict(target.get("headers"), f"reply_to[{i}].headers")
     _expect(cfg, "description", str, "description")
     return Webhook(
         name=name, agent=agent, secrets=tuple(secrets_), auth=auth, response_mode=mode,
@@ -1881,10 +1882,24 @@ def validate_webhook(name: str, cfg: Any, agents: dict) -> Webhook:
         allowed_ips=parse_networks(cfg.get("allowed_ips"), "allowed_ips"),
         enabled=_expect(cfg, "enabled", bool, "enabled", default=True),
         max_concurrency=concurrency, timeout=_timeout(cfg, "", None),
-        reply_to=tuple(reply_to), config=dict(cfg), signature=signature,
+        reply_to=parse_targets(cfg.get("reply_to"), "reply_to"), config=dict(cfg), signature=signature,
         accept_binary=_expect(cfg, "accept_binary", bool, "accept_binary", default=False), split_key=split_key,
         public_url=_url(cfg["public_url"], "public_url") if cfg.get("public_url") is not None else None,
+        keep_requests=_expect(cfg, "keep_requests", bool, "keep_requests", default=False),
+        on_failure=parse_targets(cfg.get("on_failure"), "on_failure"),
     )
+
+
+def parse_targets(targets: Any, where: str) -> tuple:
+    """Check a list of outbound targets (``reply_to``, ``on_failure``): [{"url": ..., "headers": {...}}]."""
+    targets = _expect({where: targets}, where, list, where, default=[])
+    for i, target in enumerate(targets):
+        if not isinstance(target, dict):
+            raise ConfigError(f"{where}[{i}]", "must be {\"url\": ..., \"headers\": {...}}")
+        _check_keys(target, {"url", "headers"}, f"{where}[{i}]")
+        _url(target.get("url"), f"{where}[{i}].url")
+        _str_dict(target.get("headers"), f"{where}[{i}].headers")
+    return tuple(targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2596,6 +2611,10 @@ class DeliveryStore:
         """Seconds the oldest job waiting to run has waited, or None when none waits (for the metrics)."""
         raise NotImplementedError
 
+    def stats(self, since: float) -> dict:
+        """Per webhook, the deliveries created since ``since``: {name: {deliveries, failed, last_status, last_at}}."""
+        raise NotImplementedError
+
     def summary(self, since: float) -> dict:
         """How many deliveries are queued and running now, and how many failed since ``since`` (``status``)."""
         raise NotImplementedError
@@ -2867,6 +2886,13 @@ class DeliveryLog(DeliveryStore):
 
     def depth(self) -> int:
         return len(self._jobs)
+
+    def stats(self, since: float) -> dict:
+        rows = self.query("SELECT webhook, count(*) AS deliveries, sum(status = 'failed') AS failed, "
+                          "status AS last_status, max(created_at) AS last_at "  # SQLite: the row of the max
+                          "FROM deliveries WHERE created_at >= ? GROUP BY webhook", (since,))
+        return {r["webhook"]: {"deliveries": r["deliveries"], "failed": r["failed"], "last_status": r["last_status"],
+                               "last_at": utcnow_iso(r["last_at"])} for r in rows}
 
     def summary(self, since: float) -> dict:
         rows = self.query("SELECT sum(status = 'queued') AS queued, sum(status = 'running') AS running, "
@@ -3419,6 +3445,15 @@ class PgDeliveryStore(DeliveryStore):
             self._depth = (n, time.monotonic())
         return self._depth[0]
 
+    def stats(self, since: float) -> dict:
+        rows = self.pool.execute(
+            "SELECT DISTINCT ON (webhook) webhook, status AS last_status, created_at AS last_at, "
+            "count(*) OVER w AS deliveries, count(*) FILTER (WHERE status = 'failed') OVER w AS failed "
+            "FROM moxxy_deliveries WHERE created_at >= %s WINDOW w AS (PARTITION BY webhook) "
+            "ORDER BY webhook, created_at DESC", (since,))
+        return {r["webhook"]: {"deliveries": r["deliveries"], "failed": r["failed"], "last_status": r["last_status"],
+                               "last_at": utcnow_iso(r["last_at"])} for r in rows}
+
     def summary(self, since: float) -> dict:
         row = self.pool.execute("SELECT count(*) FILTER (WHERE status = 'queued') AS queued, "
                                 "count(*) FILTER (WHERE status = 'running') AS running, "
@@ -3692,6 +3727,8 @@ class Options:
     tls_cert: str | None = None
     tls_key: str | None = None
     lease: float = 60.0  # PostgreSQL: how long a claimed job is held without a heartbeat
+    keep_requests: bool = False  # keep every named webhook's requests (else only where "keep_requests": true)
+    ui: bool = True  # the operator's page at /ui
 
 
 def backoff_delay(attempt: int, base: float) -> float:
@@ -3878,7 +3915,7 @@ class DeliveryEngine:
     # --- sync ---
 
     def run_sync(self, *, webhook: str, agent: AgentConfig, message: str, context: dict, delivery_id: str,
-                 event: str | None = None, wh: Webhook | None = None) -> str:
+                 event: str | None = None, wh: Webhook | None = None, **kept) -> str:
         """Run an agent now and record the delivery; raise 502/503/504 as HTTPError."""
         timeout = min(wh.timeout or agent.timeout, agent.timeout) if wh else agent.timeout
         release = self.store.slot(wh.name, wh.max_concurrency, timeout) if wh and wh.max_concurrency else None
@@ -3887,7 +3924,7 @@ class DeliveryEngine:
                               headers={"Retry-After": "5"})
         started = time.monotonic()
         fields = dict(id=delivery_id, webhook=webhook, agent=agent.name, attempts=1, event=event, message=message,
-                      context=context)
+                      context=context, **kept)  # kept: the kept request and replay_of, when there are
         self._in_flight[delivery_id] = fields
         try:
             response = run_agent(agent, message, context, webhook=webhook, delivery_id=delivery_id, timeout=timeout,
@@ -3908,7 +3945,7 @@ class DeliveryEngine:
                 release()
         self.metrics.delivery("succeeded", time.monotonic() - started)
         self.record(id=delivery_id, webhook=webhook, agent=agent.name, status="succeeded", attempts=1,
-                    event=event, response=response, finished_at=clock())
+                    event=event, response=response, finished_at=clock(), **kept)
         return response
 
     def record(self, **fields) -> None:
@@ -3921,7 +3958,8 @@ class DeliveryEngine:
     # --- async ---
 
     def enqueue(self, *, webhook: str, agent: AgentConfig, message: str, context: dict, delivery_id: str,
-                event: str | None = None, reply_to: Iterable = (), dedupe: tuple[str, str] | None = None) -> None:
+                event: str | None = None, reply_to: Iterable = (), dedupe: tuple[str, str] | None = None,
+                **kept) -> None:
         """Store an async job durably, then queue it; 503 when the queue is full or the server stops.
 
         With ``dedupe``, the sender's delivery id is claimed in the same commit; a repeat raises Duplicate.
@@ -3936,7 +3974,8 @@ class DeliveryEngine:
         try:
             earlier = self.store.enqueue(delivery_row(id=delivery_id, webhook=webhook, agent=agent.name, status="queued",
                                                       max_attempts=self.options.max_attempts, event=event,
-                                                      message=message, context=context, reply_to=list(reply_to)), dedupe)
+                                                      message=message, context=context, reply_to=list(reply_to),
+                                                      **kept), dedupe)
         except HTTPError:
             self._done()
             raise
@@ -4726,6 +4765,33 @@ def split_items(wh: Webhook, payload: dict) -> list[tuple[dict, Any]]:
             for item in jsonpath_values(wh.split, payload)]
 
 
+KEPT_BODY_MAX = 256 * 1024  # bytes of a kept request's body; a longer one is cut (and cannot be replayed)
+
+
+def kept_request(req: Request, wh: Webhook) -> dict:
+    """What is kept of a request for inspection and replay: every header but those carrying a
+    credential (and the webhook's own signature header), the body up to KEPT_BODY_MAX, the client."""
+    dropped = CREDENTIAL_HEADERS | set(wh.signature.headers if wh.signature else ())
+    body = req.body[:KEPT_BODY_MAX]
+    try:
+        text = {"body": body.decode("utf-8")}
+    except UnicodeDecodeError:
+        text = {"body_base64": base64.b64encode(body).decode()}
+    return {"moxxy_request": 1, "method": req.method, "path": req.path,
+            "query": req.target.partition("?")[2],
+            "headers": {k: v for k, v in req.headers.items() if k not in dropped and not k.startswith(":")},
+            "removed_headers": sorted(k for k in req.headers if k in dropped or k.startswith(":")),
+            "client": req.client_ip, "received_at": utcnow_iso(), "size": len(req.body),
+            "body_truncated": len(req.body) > KEPT_BODY_MAX, **text}
+
+
+def kept_body(kept: dict) -> bytes:
+    """The body bytes of a kept request."""
+    if "body_base64" in kept:
+        return base64.b64decode(kept["body_base64"])
+    return kept.get("body", "").encode("utf-8")
+
+
 def split_item_key(wh: Webhook, item: Any) -> str:
     """A split item's key, the same when the sender sends the group again: ``transform.split_key``,
     else an Alertmanager alert's fingerprint, status and startsAt, else a hash of the item."""
@@ -4864,6 +4930,13 @@ def openapi_document(routes: list) -> dict:
             "paths": paths, "components": {"securitySchemes": API_SECURITY_SCHEMES, "schemas": OPENAPI_SCHEMAS}}
 
 
+def _limit(req: Request) -> int:
+    limit = req.query.get("limit", "50")
+    if not limit.isdigit():
+        raise BadRequest("'limit' must be a number")
+    return int(limit)
+
+
 def _duplicate_reply(earlier: Any) -> Response:
     """The answer to a repeat: 200, the earlier delivery's id, status and response."""
     return Response.json(200, {"success": True, "duplicate": True, "delivery_id": earlier["id"],
@@ -4939,8 +5012,12 @@ class App:
             ("GET", r"/api/webhooks/(?P<name>[^/]+)", self.get_webhook, "admin"),
             ("PUT", r"/api/webhooks/(?P<name>[^/]+)", self.replace_webhook, "admin"),
             ("DELETE", r"/api/webhooks/(?P<name>[^/]+)", self.delete_webhook, "admin"),
+            ("GET", r"/api/deliveries", self.list_deliveries, "admin"),
+            ("GET", r"/api/stats", self.stats, "admin"),
             ("GET", r"/api/deliveries/(?P<id>[^/]+)", self.get_delivery, "owner"),
             ("POST", r"/api/deliveries/(?P<id>[^/]+)/retry", self.retry_delivery, "admin"),
+            ("GET", r"/api/deliveries/(?P<id>[^/]+)/request", self.delivery_request, "admin"),
+            ("POST", r"/api/deliveries/(?P<id>[^/]+)/replay", self.replay_delivery, "admin"),
             ("GET", r"/api/agents", self.list_agents, "admin"),
             ("POST", r"/api/agents", self.create_agent, "admin"),
             ("GET", r"/api/agents/(?P<name>[^/]+)", self.get_agent, "admin"),
@@ -5117,18 +5194,20 @@ class App:
 
     def deliver(self, req: Request, *, webhook: str, agent: AgentConfig, message: str, context: dict, mode: str,
                 delivery_id: str | None = None, event: str | None = None, wh: Webhook | None = None,
-                dedupe: tuple[str, str] | None = None) -> Response:
-        """Hand a message to an agent, sync (200 with the answer) or async (202 with a delivery id)."""
+                dedupe: tuple[str, str] | None = None, **kept) -> Response:
+        """Hand a message to an agent, sync (200 with the answer) or async (202 with a delivery id).
+        ``kept``: the kept request and ``replay_of``, stored with the delivery."""
         delivery_id = delivery_id or new_id()
         req.info.update(agent=agent.name, delivery_id=delivery_id)
         if mode == "async":
             self.engine.enqueue(webhook=webhook, agent=agent, message=message, context=context,
-                                delivery_id=delivery_id, event=event, reply_to=wh.reply_to if wh else (), dedupe=dedupe)
+                                delivery_id=delivery_id, event=event, reply_to=wh.reply_to if wh else (), dedupe=dedupe,
+                                **kept)
             req.info["outcome"] = "queued"
             return Response.json(202, {"success": True, "agent": agent.name, "status": "queued", "delivery_id": delivery_id},
                                  {"Location": f"/api/deliveries/{delivery_id}"})
         response = self.engine.run_sync(webhook=webhook, agent=agent, message=message, context=context,
-                                        delivery_id=delivery_id, event=event, wh=wh)
+                                        delivery_id=delivery_id, event=event, wh=wh, **kept)
         req.info["outcome"] = "ok"
         return Response.json(200, {"success": True, "agent": agent.name, "response": response, "context": context,
                                    "delivery_id": delivery_id})
@@ -5186,7 +5265,9 @@ class App:
         """Trigger a named webhook by hand (its secret or the admin token); ?dry_run=1 shows what would happen."""
         return self._named(req, admin_ok=True)
 
-    def _named(self, req: Request, admin_ok: bool) -> Response:
+    def _named(self, req: Request, admin_ok: bool, replay_of: str | None = None, dry_run: bool = False) -> Response:
+        """A named webhook's pipeline. A replay (``replay_of``) was authenticated when it first came in,
+        and is not deduped: it is run again on purpose."""
         wh = self._webhook(req, req.params["name"])  # authenticated by authorize(), over the raw bytes
         mime = req.headers.get("content-type", "").split(";")[0].strip().lower()
         if mime == CLOUDEVENTS_BATCH:  # each event its own delivery, deduped by its source and id
@@ -5206,7 +5287,7 @@ class App:
             items = [(merged, headers, split_item_key(wh, raw) if wh.split is not None else None)
                      for merged, raw in split_items(wh, payload)]
         many = wh.split is not None or mime == CLOUDEVENTS_BATCH
-        dry_run = admin_ok and req.query.get("dry_run", "") not in ("", "0", "false")
+        dry_run = dry_run or admin_ok and req.query.get("dry_run", "") not in ("", "0", "false")
         if dry_run:
             items = [evaluate_webhook(wh, item, item_headers, req.query).dry_run() for item, item_headers, _ in items]
             req.info["outcome"] = "dry_run"
@@ -5219,9 +5300,12 @@ class App:
         if mode not in ("sync", "async"):
             raise BadRequest(f"response_mode must be 'sync' or 'async', not {mode!r}")
         agent = self._agent(req, wh.agent)
+        kept = {"replay_of": replay_of} if replay_of else {}
+        if replay_of or wh.keep_requests or self.options.keep_requests:
+            kept["request"] = kept_request(req, wh)
         # dedupe
         delivery_id = new_id()
-        key = dedupe_key_of(req.headers, payload) if mime != CLOUDEVENTS_BATCH else None
+        key = dedupe_key_of(req.headers, payload) if mime != CLOUDEVENTS_BATCH and not replay_of else None
         # async: the claim is part of the first job's commit (never a claim without its job); sync: first
         atomic = bool(key) and mode == "async" and not many  # the items of a split or batch claim their own keys
         try:
@@ -5229,7 +5313,8 @@ class App:
                 earlier = self.deliveries.claim(wh.name, key, delivery_id)
                 if earlier is not None:
                     raise Duplicate(earlier)
-            return self._deliver_items(req, wh, agent, items, many, mode, delivery_id, (wh.name, key) if atomic else None)
+            return self._deliver_items(req, wh, agent, items, many, mode, delivery_id, (wh.name, key) if atomic else None,
+                                       kept)
         except Duplicate as d:
             self.metrics.delivery("duplicate")
             req.info.update(outcome="duplicate", delivery_id=d.earlier["id"])
@@ -5241,10 +5326,11 @@ class App:
             raise
 
     def _deliver_items(self, req: Request, wh: Webhook, agent: AgentConfig, items: list, many: bool, mode: str,
-                       delivery_id: str, dedupe: tuple[str, str] | None = None) -> Response:
+                       delivery_id: str, dedupe: tuple[str, str] | None = None, kept: dict | None = None) -> Response:
         """Map, filter, render and deliver each (payload, headers, item key) of a request: one, or
-        ``many`` (``transform.split``, a CloudEvents batch), each item deduped by its key.
-        ``dedupe`` (the request's own) goes with the first item that is delivered."""
+        ``many`` (``transform.split``, a CloudEvents batch), each item deduped by its key (not a replay's).
+        ``dedupe`` (the request's own) goes with the first item that is delivered; ``kept`` goes with each."""
+        kept = kept or {}
         results = []
         for i, (item, item_headers, item_key) in enumerate(items):
             ev = evaluate_webhook(wh, item, item_headers, req.query)
@@ -5253,13 +5339,13 @@ class App:
                 log.info("webhook %s: event %s filtered: %s", wh.name, ev.event, ev.filtered)
                 self.metrics.delivery("filtered")
                 self.engine.record(id=item_id, webhook=wh.name, agent=agent.name, status="filtered", event=ev.event,
-                                   error=ev.filtered, finished_at=clock())
+                                   error=ev.filtered, finished_at=clock(), **kept)
                 req.info.update(outcome="filtered", delivery_id=item_id)
                 results.append(Response.json(200, {"success": True, "filtered": True, "reason": ev.filtered,
                                                    "event": ev.event, "delivery_id": item_id}))
                 continue
             if many:  # each item is deduped by itself: a redelivered group runs only what failed
-                dedupe = (wh.name, item_key) if item_key else None
+                dedupe = (wh.name, item_key) if item_key and not kept.get("replay_of") else None
                 if dedupe and mode == "sync":
                     earlier = self.deliveries.claim(*dedupe, item_id)
                     if earlier is not None:
@@ -5269,7 +5355,7 @@ class App:
             try:
                 results.append(self.deliver(req, webhook=wh.name, agent=agent, message=ev.message, context=ev.context,
                                             mode=mode, delivery_id=item_id, event=ev.event, wh=wh,
-                                            dedupe=dedupe if mode == "async" else None))
+                                            dedupe=dedupe if mode == "async" else None, **kept))
                 dedupe = None
             except Duplicate as d:
                 if not many:
@@ -5359,12 +5445,66 @@ class App:
         name = req.params["name"]
         if name != "generic" and name not in RESERVED_NAMES:
             self._webhook(req, name)
-        limit = req.query.get("limit", "50")
-        if not limit.isdigit():
-            raise BadRequest("'limit' must be a number")
-        return Response.json(200, {"deliveries": self.deliveries.list(name, req.query.get("status"), int(limit))})
+        return Response.json(200, {"deliveries": self.deliveries.list(name, req.query.get("status"), _limit(req))})
 
     # --- deliveries ---
+
+    def list_deliveries(self, req: Request) -> Response:
+        """Recent deliveries, newest first: ?webhook=, ?status=, ?limit= (50; at most 1000)."""
+        webhook, status = req.query.get("webhook") or None, req.query.get("status") or None
+        if status and status not in FINISHED + ("queued", "running"):
+            raise BadRequest(f"'status' must be one of {', '.join(FINISHED + ('queued', 'running'))}")
+        return Response.json(200, {"deliveries": self.deliveries.list(webhook, status, _limit(req))})
+
+    def stats(self, req: Request) -> Response:
+        """Each webhook's deliveries of the last 24 hours: how many, how many failed, the last one; the queue."""
+        since = clock() - 86400
+        return Response.json(200, {"since": utcnow_iso(since), "webhooks": self.deliveries.stats(since),
+                                   **self.deliveries.summary(clock() - 3600)})
+
+    def _kept(self, delivery_id: str) -> tuple[Any, dict]:
+        row = self.deliveries.get(delivery_id)
+        if row is None:
+            raise NotFound(f"unknown delivery '{delivery_id}'")
+        if not row["request"]:
+            raise Conflict(f"delivery '{row['id']}' has no kept request: a webhook keeps its requests with "
+                           f"\"keep_requests\": true (or serve --keep-requests), from then on")
+        return row, json.loads(row["request"])
+
+    def delivery_request(self, req: Request) -> Response:
+        """The request a delivery came from, as kept (credentials removed): a fixture for
+        ``moxxy-webhooks test``; ?format=body gives its body as sent (a download, for curl --data-binary)."""
+        row, kept = self._kept(req.params["id"])
+        if req.query.get("format") == "body":  # never served as what it says it is: it is the sender's content
+            return Response(200, kept_body(kept), {"Content-Type": "application/octet-stream",
+                                                   "Content-Disposition": f'attachment; filename="{row["id"]}.body"'})
+        return Response.json(200, kept)
+
+    def replay_delivery(self, req: Request) -> Response:
+        """Run a kept request through today's config of its webhook (or ``"webhook"``) as a new delivery
+        linked to the original (``replay_of``); ``"dry_run": true`` only shows what would happen, and
+        ``"body"`` replaces the kept body. Authentication is not checked again (it was on arrival)."""
+        doc = req.json_object(empty={})
+        _check_keys(doc, {"webhook", "dry_run", "body"}, "")
+        row, kept = self._kept(req.params["id"])
+        name = _field(doc, "webhook", str, default=row["webhook"])
+        body = _field(doc, "body", str)
+        if body is None and kept.get("body_truncated"):
+            raise Conflict(f"delivery '{row['id']}' kept only the first {KEPT_BODY_MAX} bytes of its body: "
+                           f"send the whole body as \"body\" to replay it")
+        raw = kept_body(kept) if body is None else body.encode("utf-8")
+        headers = {k: v for k, v in kept["headers"].items() if k not in ("content-length", "transfer-encoding")}
+        headers["content-length"] = str(len(raw))
+        target = f"/api/webhooks/{urllib.parse.quote(name)}" + ("?" + kept["query"] if kept["query"] else "")
+        again = Request(kept["method"], target, headers, client_ip=kept["client"], body=raw, request_id=req.request_id)
+        again.config, again.vault, again.params, again.route = req.config, req.vault, {"name": name}, req.route
+        try:
+            response = self._named(again, admin_ok=True, replay_of=row["id"],
+                                   dry_run=_field(doc, "dry_run", bool, default=False))
+        finally:
+            req.info.update(again.info, webhook=name)
+        log.info("delivery %s replayed through webhook %s (authentication not checked again)", row["id"], name)
+        return response
 
     def get_delivery(self, req: Request) -> Response:
         """One delivery; ?wait=S waits up to S seconds (max 30) for it to finish."""
@@ -6463,8 +6603,14 @@ def rotate(state: CliState, name: str, grace: float, as_json: bool) -> None:
 @click.option("--header", "-H", multiple=True, metavar="NAME:VALUE", help="A request header, e.g. 'X-GitHub-Event: push'.")
 @pass_state
 def test_webhook(state: CliState, name: str, payload_file, header: tuple) -> None:
-    """Dry-run a webhook on a payload (stdin when omitted): context, event, filter decision, message."""
-    headers = {}
+    """Dry-run a webhook on a payload (stdin when omitted): context, event, filter decision, message.
+
+    PAYLOAD_FILE may be a kept request ('deliveries request ID'): its headers and body are used."""
+    body, headers = payload_file.read(), {}
+    with contextlib.suppress(ValueError, AttributeError):
+        doc = json.loads(body)
+        if doc.get("moxxy_request") == 1:
+            body, headers = kept_body(doc), {k.lower(): v for k, v in doc["headers"].items()}
     for h in header:
         key, sep, value = h.partition(":")
         if not sep:
@@ -6474,7 +6620,7 @@ def test_webhook(state: CliState, name: str, payload_file, header: tuple) -> Non
         wh = state.config().webhooks.get(name)
         if wh is None:
             raise NotFound(f"unknown webhook '{name}'")
-        payload = Request("POST", f"/api/webhooks/{name}/trigger", headers, body=payload_file.read()).json_object(True, {})
+        payload = Request("POST", f"/api/webhooks/{name}/trigger", headers, body=body).payload(wh.accept_binary)
         items = [evaluate_webhook(wh, item, headers, {}).dry_run() for item, _ in split_items(wh, payload)]
     _echo_json({"webhook": name, "agent": wh.agent, **(items[0] if len(items) == 1 else {"items": items})})
 
@@ -6807,18 +6953,64 @@ def deliveries(ctx: click.Context, webhook, status, limit, as_json) -> None:
 @json_option
 @pass_state
 def deliveries_retry(state: CliState, delivery_id: str, url: str | None, as_json: bool) -> None:
-    """Replay a failed delivery on the running server."""
+    """Run a failed delivery's message again, on the running server."""
+    doc = _admin_post(state, url, f"/api/deliveries/{urllib.parse.quote(delivery_id)}/retry", b"")
+    _said(as_json, doc, f"Queued delivery {delivery_id} again")
+
+
+def _admin_post(state: CliState, url: str | None, path: str, body: Any) -> dict:
+    """POST to the running server's admin API with the vault's token; its error as one line."""
     with _errors():
         token = state.vault.get("admin_token")
         try:
-            status, body = http_request("POST", f"{_server_url(state, url)}/api/deliveries/{urllib.parse.quote(delivery_id)}/retry",
-                                        b"", {"Authorization": f"Bearer {token}"}, timeout=30)
+            status, raw = http_request("POST", f"{_server_url(state, url)}{path}", body,
+                                       {"Authorization": f"Bearer {token}"}, timeout=60)
         except OutboundError as e:
             raise click.ClickException(f"{e} (is the server running?)") from None
-    doc = json.loads(body or b"{}")
-    if status >= 300:
+    doc = json.loads(raw or b"{}")
+    if status >= 300 and not doc.get("deliveries"):
         raise click.ClickException(doc.get("error", f"HTTP {status}"))
-    _said(as_json, doc, f"Queued delivery {delivery_id} again")
+    return doc
+
+
+@deliveries.command(name="replay")
+@click.argument("delivery_id")
+@click.option("--webhook", help="Run it through this webhook instead of its own.")
+@click.option("--dry-run", is_flag=True, help="Show what would happen (context, event, filters, message); run nothing.")
+@click.option("--url", help="Server URL [default: the running server's].")
+@json_option
+@pass_state
+def deliveries_replay(state: CliState, delivery_id: str, webhook: str | None, dry_run: bool, url: str | None,
+                      as_json: bool) -> None:
+    """Run a delivery's kept request through today's config, as a new delivery (on the running server)."""
+    body = {**({"webhook": webhook} if webhook else {}), **({"dry_run": True} if dry_run else {})}
+    doc = _admin_post(state, url, f"/api/deliveries/{urllib.parse.quote(delivery_id)}/replay", body)
+    if as_json or dry_run:
+        _echo_json(doc)
+        return
+    made = doc.get("deliveries") or [doc]
+    for d in made:
+        outcome = ("filtered: " + d["reason"] if d.get("filtered") else d.get("status") or
+                   ("failed: " + d["error"] if d.get("error") else d.get("response", "")))
+        click.echo(f"Replayed {delivery_id} as delivery {d.get('delivery_id')}: {str(outcome)[:200]}")
+
+
+@deliveries.command(name="request")
+@click.argument("delivery_id")
+@click.option("--body", "body_only", is_flag=True, help="Only the body, as it was sent (for curl --data-binary @FILE).")
+@click.option("--output", "-o", type=click.File("wb"), default="-", help="Write it to this file [default: stdout].")
+@pass_state
+def deliveries_request(state: CliState, delivery_id: str, body_only: bool, output) -> None:
+    """The request a delivery came from, as kept (credentials removed): a fixture for 'test NAME FILE'."""
+    with _errors():
+        row = state.backend.open_deliveries(Options()).get(delivery_id) if (
+            state.database_url or os.path.exists(state.paths.db)) else None
+        if row is None:
+            raise NotFound(f"unknown delivery '{delivery_id}'")
+        if not row["request"]:
+            raise Conflict(f"delivery '{delivery_id}' has no kept request (the webhook needs \"keep_requests\": true)")
+        kept = json.loads(row["request"])
+    output.write(kept_body(kept) if body_only else (json.dumps(kept, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import glob
 import hashlib
 import hmac
 import http.client
@@ -114,14 +115,15 @@ def recorder():
 class Gateway:
     """A running gateway on port 0 (real App, real Server, real sockets) and a client for it."""
 
-    def __init__(self, data_dir: str, **options):
+    def __init__(self, data_dir: str, database_url: str | None = None, **options):
         options.setdefault("port", 0)
         options.setdefault("rate_limit", "off")
         options.setdefault("retry_base", 0.01)
         options.setdefault("grace", 2.0)
         options.setdefault("inline_window", 1.0)
         self.paths = mw.Paths(str(data_dir))
-        self.app = mw.App(self.paths, mw.Options(**options))
+        backend = mw.open_backend(self.paths, database_url) if database_url else None
+        self.app = mw.App(self.paths, mw.Options(**options), backend)
         self.app.start()
         self.server = mw.Server(self.app)
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
@@ -5283,6 +5285,193 @@ def test_per_ip_rate_limit_on_a_named_route_is_503_not_429(gateway):
     assert status == 503, body
     assert body["code"] == "rate_limited" and "198.51.100.9" in body["error"]
     assert int(headers["retry-after"]) >= 1
+
+
+# --- kept requests and replay ---
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def either_gw(request, gateway):
+    """A gateway on each backend: SQLite in its data directory, or a real PostgreSQL."""
+    if request.param == "postgres":
+        return gateway(database_url=request.getfixturevalue("pg_url"))
+    return gateway()
+
+
+def test_a_kept_request_holds_no_credential_of_any_scheme(gateway, fixed_clock):
+    fixed_clock(AUTH_NOW)
+    gw = gateway(keep_requests=True)
+    credentials = []
+    for scheme in CHECKED_SCHEMES:
+        secret = f"sekrit-{scheme}-" + secrets_token()
+        if scheme == "standard":
+            secret = new_whsec()
+        extra = {"public_url": TWILIO_URL} if scheme == "twilio" else {}
+        create(gw, {"name": f"k-{scheme}", "secret": secret, "auth": [scheme], **extra})
+        body = json.dumps({"message": f"via {scheme}", "webhookTimestamp": AUTH_NOW * 1000}).encode()
+        headers = _headers_for(scheme, secret, body)
+        query = f"?bodySHA256={hashlib.sha256(body).hexdigest()}" if scheme == "twilio" else ""
+        sent = {k: v for k, v in headers.items() if not k.startswith(":")}
+        status, _, reply = gw.request("POST", f"/api/webhooks/k-{scheme}{query}", raw=body,
+                                      headers={**sent, "Content-Type": "application/json", "X-Trace": scheme})
+        assert status == 200, (scheme, reply)
+        signed = {k: v for k, v in sent.items() if k not in ("webhook-id", "webhook-timestamp")}  # not secret
+        credentials += [secret, *signed.values()]
+        if scheme == "basic":
+            credentials.append(base64.b64encode(f"alertmanager:{secret}".encode()).decode())
+        kept = gw.admin_call("GET", f"/api/deliveries/{reply['delivery_id']}/request")[2]
+        assert kept["headers"]["x-trace"] == scheme and json.loads(kept["body"])["message"] == f"via {scheme}"
+        assert set(kept["removed_headers"]) == set(signed), scheme
+    gw.close()  # everything on the disk: the database file and its WAL
+    stored = b"".join(open(p, "rb").read() for p in glob.glob(gw.paths.db + "*"))
+    leaked = [c for c in credentials if c.encode() in stored and not c.isdigit()]
+    assert not leaked and b"via twilio" in stored
+
+
+def secrets_token() -> str:
+    return base64.b32encode(os.urandom(10)).decode()
+
+
+def test_requests_are_kept_only_when_asked(gateway):
+    gw = gateway()
+    create(gw, {"name": "plain", "secret": SECRET})
+    create(gw, {"name": "kept", "secret": SECRET, "keep_requests": True})
+    plain = post_json(gw, "plain", {"message": "a"})[2]["delivery_id"]
+    kept = post_json(gw, "kept", {"message": "b"})[2]["delivery_id"]
+    assert gw.admin_call("GET", f"/api/deliveries/{plain}")[2]["has_request"] is False
+    assert gw.admin_call("GET", f"/api/deliveries/{kept}")[2]["has_request"] is True
+    status, _, body = gw.admin_call("GET", f"/api/deliveries/{plain}/request")
+    assert status == 409 and '"keep_requests": true' in body["error"]
+    everywhere = gateway(keep_requests=True)  # serve --keep-requests: every named webhook
+    create(everywhere, {"name": "plain", "secret": SECRET})
+    delivery = post_json(everywhere, "plain", {"message": "c"})[2]["delivery_id"]
+    assert everywhere.admin_call("GET", f"/api/deliveries/{delivery}/request")[0] == 200
+
+
+def test_replay_runs_a_kept_request_through_todays_config(either_gw):
+    gw = either_gw
+    create(gw, {"name": "gh", "secret": SECRET, "keep_requests": True, "auth": ["github"],
+                "transform": {"message_template": "old: {{action}}"}, "filters": {"exclude": ["*.closed"]}})
+    body = b'{"action": "opened", "number": 7}'
+    status, _, first = gw.request("POST", "/api/webhooks/gh?ref=main", raw=body, headers={
+        "X-Hub-Signature-256": github_sig(SECRET, body), "X-GitHub-Event": "pull_request",
+        "X-GitHub-Delivery": "d-1", "Content-Type": "application/json"})
+    assert status == 200 and first["response"] == "old: opened"
+    status, _, _ = gw.admin_call("PUT", "/api/webhooks/gh", {
+        "name": "gh", "keep_requests": True, "auth": ["github"],
+        "transform": {"message_template": "new: {{action}} #{{number}} ({{event}}, {{query.ref}})"}})
+    assert status == 200
+    status, _, again = gw.admin_call("POST", f"/api/deliveries/{first['delivery_id']}/replay", {})
+    assert status == 200, again
+    assert again["response"] == "new: opened #7 (pull_request.opened, main)"  # headers and query kept too
+    assert again["delivery_id"] != first["delivery_id"]  # not a duplicate of X-GitHub-Delivery d-1
+    record = gw.admin_call("GET", f"/api/deliveries/{again['delivery_id']}?wait=5")[2]
+    assert record["replay_of"] == first["delivery_id"] and "not again" in record["note"]
+    assert record["has_request"] is True  # a replay can be replayed
+    # a dry run with an edited body runs nothing and records nothing
+    before = len(gw.admin_call("GET", "/api/deliveries?webhook=gh")[2]["deliveries"])
+    status, _, dry = gw.admin_call("POST", f"/api/deliveries/{first['delivery_id']}/replay",
+                                   {"dry_run": True, "body": '{"action": "closed", "number": 8}'})
+    assert status == 200 and dry["dry_run"] is True and dry["message"] == "new: closed #8 (pull_request.closed, main)"
+    assert len(gw.admin_call("GET", "/api/deliveries?webhook=gh")[2]["deliveries"]) == before
+    # through another webhook
+    create(gw, {"name": "other", "secret": "x", "transform": {"message_template": "other saw {{action}}"}})
+    status, _, moved = gw.admin_call("POST", f"/api/deliveries/{first['delivery_id']}/replay", {"webhook": "other"})
+    assert status == 200 and moved["response"] == "other saw opened"
+    assert gw.admin_call("GET", f"/api/deliveries/{moved['delivery_id']}")[2]["webhook"] == "other"
+    # refusals say why
+    assert gw.admin_call("POST", f"/api/deliveries/{'0' * 32}/replay", {})[0] == 404
+    status, _, body = gw.admin_call("POST", f"/api/deliveries/{first['delivery_id']}/replay", {"webhook": "nope"})
+    assert status == 404 and "unknown webhook 'nope'" in body["error"]
+    status, _, body = gw.admin_call("POST", f"/api/deliveries/{first['delivery_id']}/replay", {"bogus": 1})
+    assert status == 400 and "bogus" in body["error"]
+    assert gw.request("POST", f"/api/deliveries/{first['delivery_id']}/replay", {}, {"X-Webhook-Secret": SECRET})[0] == 401
+
+
+def test_replay_of_a_filtered_request_after_fixing_the_filter(either_gw):
+    gw = either_gw
+    create(gw, {"name": "alerts", "secret": SECRET, "keep_requests": True, "filters": {"include": ["*.critical"]}})
+    first = post_json(gw, "alerts", {"source": "prom", "severity": "warning", "message": "disk"})[2]
+    assert first["filtered"] is True
+    gw.admin_call("PUT", "/api/webhooks/alerts", {"name": "alerts", "keep_requests": True,
+                                                  "filters": {"include": ["*.critical", "*.warning"]}})
+    status, _, again = gw.admin_call("POST", f"/api/deliveries/{first['delivery_id']}/replay", {})
+    assert status == 200 and again["response"] == "disk"
+
+
+def test_replay_of_an_async_webhook_is_queued(gateway):
+    gw = gateway()
+    create(gw, {"name": "slow", "secret": SECRET, "keep_requests": True, "response_mode": "async"})
+    first = post_json(gw, "slow", {"message": "later"})[2]
+    status, headers, again = gw.admin_call("POST", f"/api/deliveries/{first['delivery_id']}/replay", {})
+    assert status == 202 and headers["location"] == f"/api/deliveries/{again['delivery_id']}"
+    record = gw.admin_call("GET", f"/api/deliveries/{again['delivery_id']}?wait=10")[2]
+    assert record["status"] == "succeeded" and record["response"] == "later" and record["replay_of"] == first["delivery_id"]
+
+
+def test_a_kept_request_is_a_fixture_for_test_and_for_curl(gw, tmp_path):
+    create(gw, {"name": "form", "secret": SECRET, "keep_requests": True, "transform": {"message_template": "{{name}}"}})
+    body = b"name=Ann+Lee&tag=a&tag=b"
+    status, _, reply = gw.request("POST", "/api/webhooks/form", raw=body, headers={
+        "X-Webhook-Secret": SECRET, "Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200 and reply["response"] == "Ann Lee"
+    fixture = tmp_path / "fixture.json"  # the CLI reads the database: once the record's group commit is done
+    assert eventually(lambda: cli_at(gw.paths.root, "deliveries", "request", reply["delivery_id"],
+                                     "-o", str(fixture)).exit_code == 0)
+    assert json.loads(fixture.read_text())["headers"]["content-type"] == "application/x-www-form-urlencoded"
+    tested = cli_at(gw.paths.root, "test", "form", str(fixture))
+    assert tested.exit_code == 0 and json.loads(tested.stdout)["message"] == "Ann Lee"  # read as a form, as sent
+    status, headers, raw = gw.request("GET", f"/api/deliveries/{reply['delivery_id']}/request?format=body",
+                                      headers=gw.admin)
+    assert status == 200 and raw == body.decode()
+    assert headers["content-type"] == "application/octet-stream" and headers["content-disposition"].startswith("attachment")
+    only_body = cli_at(gw.paths.root, "deliveries", "request", reply["delivery_id"], "--body")
+    assert only_body.stdout_bytes == body
+
+
+def test_a_body_over_the_kept_size_is_cut_and_replays_only_with_a_whole_body(gw):
+    create(gw, {"name": "big", "secret": SECRET, "keep_requests": True})
+    message = "x" * (mw.KEPT_BODY_MAX + 10)
+    first = post_json(gw, "big", {"message": message})[2]
+    kept = gw.admin_call("GET", f"/api/deliveries/{first['delivery_id']}/request")[2]
+    assert kept["body_truncated"] is True and kept["size"] > mw.KEPT_BODY_MAX
+    status, _, body = gw.admin_call("POST", f"/api/deliveries/{first['delivery_id']}/replay", {})
+    assert status == 409 and "whole body" in body["error"]
+    status, _, again = gw.admin_call("POST", f"/api/deliveries/{first['delivery_id']}/replay",
+                                     {"body": json.dumps({"message": "short"})})
+    assert status == 200 and again["response"] == "short"
+
+
+def test_cli_replays_through_the_running_server(gw):
+    create(gw, {"name": "cli", "secret": SECRET, "keep_requests": True, "transform": {"message_template": "v1 {{message}}"}})
+    first = post_json(gw, "cli", {"message": "hi"})[2]
+    url = f"http://127.0.0.1:{gw.port}"
+    dry = cli_at(gw.paths.root, "deliveries", "replay", first["delivery_id"], "--dry-run", "--url", url)
+    assert dry.exit_code == 0 and json.loads(dry.stdout)["message"] == "v1 hi"
+    done = cli_at(gw.paths.root, "deliveries", "replay", first["delivery_id"], "--url", url)
+    assert done.exit_code == 0 and re.fullmatch(rf"Replayed {first['delivery_id']} as delivery [0-9a-f]{{32}}: v1 hi\n",
+                                                 done.stdout)
+    missing = cli_at(gw.paths.root, "deliveries", "replay", "0" * 32, "--url", url)
+    assert missing.exit_code == 1 and "unknown delivery" in missing.output
+
+
+def test_deliveries_listing_and_stats_across_webhooks(either_gw):
+    gw = either_gw
+    gw.add_agent("broken", {"kind": "http", "url": "http://127.0.0.1:9/unreachable", "timeout": 2})
+    create(gw, {"name": "ok", "secret": SECRET})
+    create(gw, {"name": "bad", "secret": SECRET, "agent": "broken"})
+    for _ in range(2):
+        assert post_json(gw, "ok", {"message": "fine"})[0] == 200
+    assert post_json(gw, "bad", {"message": "boom"})[0] == 502
+    assert eventually(lambda: len(gw.admin_call("GET", "/api/deliveries")[2]["deliveries"]) == 3)
+    failed = gw.admin_call("GET", "/api/deliveries?status=failed")[2]["deliveries"]
+    assert [d["webhook"] for d in failed] == ["bad"]
+    assert gw.admin_call("GET", "/api/deliveries?status=nope")[0] == 400
+    assert eventually(lambda: gw.admin_call("GET", "/api/stats")[2]["webhooks"].get("bad", {}).get("failed") == 1)
+    stats = gw.admin_call("GET", "/api/stats")[2]
+    assert stats["webhooks"]["ok"]["deliveries"] == 2 and stats["webhooks"]["ok"]["failed"] == 0
+    assert stats["webhooks"]["ok"]["last_status"] == "succeeded" and stats["webhooks"]["bad"]["last_status"] == "failed"
+    assert stats["failed"] == 1 and "queued" in stats
 
 
 # === HTTP server ===
