@@ -1886,20 +1886,32 @@ def validate_webhook(name: str, cfg: Any, agents: dict) -> Webhook:
         accept_binary=_expect(cfg, "accept_binary", bool, "accept_binary", default=False), split_key=split_key,
         public_url=_url(cfg["public_url"], "public_url") if cfg.get("public_url") is not None else None,
         keep_requests=_expect(cfg, "keep_requests", bool, "keep_requests", default=False),
-        on_failure=parse_targets(cfg.get("on_failure"), "on_failure"),
+        on_failure=parse_targets(cfg.get("on_failure"), "on_failure", ALERT_FORMATS),
     )
 
 
-def parse_targets(targets: Any, where: str) -> tuple:
-    """Check a list of outbound targets (``reply_to``, ``on_failure``): [{"url": ..., "headers": {...}}]."""
+def parse_targets(targets: Any, where: str, formats: tuple = ()) -> tuple:
+    """Check a list of outbound targets (``reply_to``, ``on_failure``): [{"url": ..., "headers": {...}}],
+    and a ``"format"`` among ``formats`` where the target may choose one."""
     targets = _expect({where: targets}, where, list, where, default=[])
     for i, target in enumerate(targets):
         if not isinstance(target, dict):
             raise ConfigError(f"{where}[{i}]", "must be {\"url\": ..., \"headers\": {...}}")
-        _check_keys(target, {"url", "headers"}, f"{where}[{i}]")
+        _check_keys(target, {"url", "headers", *(("format",) if formats else ())}, f"{where}[{i}]")
         _url(target.get("url"), f"{where}[{i}].url")
         _str_dict(target.get("headers"), f"{where}[{i}].headers")
+        if formats and target.get("format", formats[0]) not in formats:
+            raise ConfigError(f"{where}[{i}].format", f"must be one of {', '.join(formats)}")
     return tuple(targets)
+
+
+ALERT_FORMATS = ("json", "slack")
+
+
+def alert_format(target: dict) -> str:
+    """How an on_failure target is told: its ``format``, else ``slack`` for a Slack incoming webhook, else ``json``."""
+    return target.get("format") or ("slack" if urllib.parse.urlsplit(target["url"]).hostname == "hooks.slack.com"
+                                    else "json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3844,8 +3856,10 @@ class DeliveryEngine:
     """
 
     def __init__(self, open_store: Callable[[float], DeliveryStore], config: Callable[[], Config], options: Options,
-                 metrics: Metrics):
+                 metrics: Metrics, alert_targets: Callable[[str], Iterable[dict]] = lambda webhook: ()):
         self._open_store = open_store
+        self.alert_targets = alert_targets  # webhook name -> its on_failure targets and the global ones
+        self._failing: set = set()  # webhooks whose last finished delivery failed (in this process)
         self.store: DeliveryStore | None = None  # opened by start()
         self.config = config
         self.options = options
@@ -3856,7 +3870,8 @@ class DeliveryEngine:
         self._threads: list[threading.Thread] = []
         self._unsaved: dict = {}  # delivery id -> final fields whose commit failed, written again later
         self._unsaved_lock = threading.Lock()
-        self._senders: dict = {"reply_to": self._reply_to_calls}  # reply kind -> args -> list of calls
+        self._senders: dict = {"reply_to": self._reply_to_calls,  # reply kind -> args -> list of calls
+                               "alert": self._alert_calls}
         self.processes = ProcessGuard()
         self._in_flight: dict = {}  # delivery id -> record of a sync run not answered yet
         self.background = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, options.workers * 2),
@@ -3938,6 +3953,7 @@ class DeliveryEngine:
                                   headers={"Retry-After": "5"}) from None
             self.record(**fields, status="failed", error=e.detail, finished_at=clock())
             log.warning("delivery %s: agent %s failed: %s", delivery_id, agent.name, e.detail[-500:])
+            self.alert(webhook, {**fields, "status": "failed", "error": e.detail})
             raise e.as_http() from None
         finally:
             self._in_flight.pop(delivery_id, None)
@@ -3946,6 +3962,8 @@ class DeliveryEngine:
         self.metrics.delivery("succeeded", time.monotonic() - started)
         self.record(id=delivery_id, webhook=webhook, agent=agent.name, status="succeeded", attempts=1,
                     event=event, response=response, finished_at=clock(), **kept)
+        if webhook in self._failing:
+            self.alert(webhook, {**fields, "status": "succeeded"})
         return response
 
     def record(self, **fields) -> None:
@@ -4045,6 +4063,8 @@ class DeliveryEngine:
                          finished_at=clock(), next_attempt_at=None)
         self.metrics.delivery(final["status"], time.monotonic() - started, dead=final["status"] == "failed")
         self._finish(dict(row), final)
+        if final["status"] == "failed" or row["webhook"] in self._failing:
+            self.alert(row["webhook"], {**row, **final})
         if row["reply_to"]:
             record = public_delivery({**row, **final})
             for target in json.loads(row["reply_to"]):
@@ -4090,6 +4110,31 @@ class DeliveryEngine:
         except HTTPError as e:  # still sent (it is queued in memory), but it would not survive a restart
             log.error("%s reply %s could not be stored (it is sent, but not kept across a restart): %s",
                       kind, row["id"], e.message)
+
+    def alert(self, webhook: str, record: dict) -> None:
+        """A delivery failed, or the first one after a failure succeeded: POST it to the on_failure targets
+        (durable replies, retried like reply_to); a Slack incoming webhook gets a Slack message."""
+        failed = record["status"] == "failed"
+        if failed:
+            self._failing.add(webhook)
+        else:
+            self._failing.discard(webhook)
+        targets = list(self.alert_targets(webhook))
+        if not targets:
+            return
+        delivery = public_delivery(delivery_row(**{k: v for k, v in record.items() if k in DELIVERY_COLUMNS}))
+        text = (f"moxxy-webhooks: delivery {delivery['id']} of webhook '{webhook}' failed after {delivery['attempts']} "
+                f"attempt(s): {(delivery['error'] or '')[-300:]}" if failed else
+                f"moxxy-webhooks: webhook '{webhook}' recovered: delivery {delivery['id']} succeeded")
+        body = {"event": "delivery_failed" if failed else "webhook_recovered", "webhook": webhook, "text": text,
+                "delivery": delivery}
+        for target in targets:
+            self.send_later("alert", {"url": target["url"], "headers": target.get("headers", {}),
+                                      "body": {"text": text} if alert_format(target) == "slack" else body}, delivery["id"])
+
+    def _alert_calls(self, args: dict) -> list:
+        headers = _resolve_values(args["headers"], "on_failure header")
+        return [("on_failure", "POST", args["url"], args["body"], headers)]
 
     def _reply_to_calls(self, args: dict) -> list:
         headers = _resolve_values(args["headers"], "reply_to header")
@@ -4815,8 +4860,26 @@ OPENAPI_SCHEMAS = {
                                 "status": {"enum": ["queued", "running", "succeeded", "failed", "filtered", "duplicate"]},
                                 "attempts": {"type": "integer"}, "event": _NULLABLE("string"),
                                 "response": _NULLABLE("string"), "error": _NULLABLE("string"),
-                                "created_at": {"type": "string"}, "finished_at": _NULLABLE("string")}},
+                                "created_at": {"type": "string"}, "finished_at": _NULLABLE("string"),
+                                "has_request": {"type": "boolean"}, "replay_of": {"type": "string"}, "note": {"type": "string"},
+                                "history": {"type": "array", "items": {"type": "object", "properties": {
+                                    "attempt": {"type": "integer"}, "at": {"type": "string"}, "error": {"type": "string"}}}}}},
     "DeliveryList": {"type": "object", "properties": {"deliveries": {"type": "array", "items": _S("Delivery")}}},
+    "KeptRequest": {"type": "object", "required": ["moxxy_request", "method", "path", "headers"], "properties": {
+        "moxxy_request": {"const": 1}, "method": {"type": "string"}, "path": {"type": "string"}, "query": {"type": "string"},
+        "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+        "removed_headers": {"type": "array", "items": {"type": "string"}}, "client": {"type": "string"},
+        "received_at": {"type": "string"}, "size": {"type": "integer"}, "body_truncated": {"type": "boolean"},
+        "body": {"type": "string"}, "body_base64": {"type": "string"}}},
+    "Replay": {"type": "object", "additionalProperties": False, "properties": {
+        "webhook": {"type": "string", "description": "run it through this webhook instead of its own"},
+        "dry_run": {"type": "boolean"}, "body": {"type": "string", "description": "instead of the kept body"}}},
+    "Stats": {"type": "object", "required": ["webhooks"], "properties": {
+        "since": {"type": "string"}, "queued": {"type": "integer"}, "running": {"type": "integer"},
+        "failed": {"type": "integer", "description": "in the last hour"},
+        "webhooks": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+            "deliveries": {"type": "integer"}, "failed": {"type": "integer"}, "last_status": {"type": "string"},
+            "last_at": {"type": "string"}}}}}},
     "GenericRequest": {"type": "object", "required": ["message"], "properties": {
         "message": {"type": "string", "minLength": 1}, "agent": {"type": "string"}, "context": {"type": "object"},
         "response_mode": {"enum": ["sync", "async"]}}},
@@ -4835,7 +4898,8 @@ OPENAPI_SCHEMAS = {
         "allowed_ips": {"type": ["string", "array"]}, "enabled": {"type": "boolean"},
         "max_concurrency": {"type": "integer", "minimum": 1}, "timeout": {"type": "number"},
         "reply_to": {"type": "array", "items": {"type": "object"}}, "description": {"type": "string"},
-        "signature": {"type": "object"}, "accept_binary": {"type": "boolean"}, "public_url": {"type": "string"}}},
+        "signature": {"type": "object"}, "accept_binary": {"type": "boolean"}, "public_url": {"type": "string"},
+        "keep_requests": {"type": "boolean"}, "on_failure": {"type": "array", "items": {"type": "object"}}}},
     "Webhook": {"type": "object", "required": ["name", "has_secret"], "properties": {
         "name": {"type": "string"}, "has_secret": {"type": "boolean"}, "secret": {"type": "string",
                                                                                    "description": "*** (or the generated one, once)"}}},
@@ -4867,11 +4931,15 @@ API_DOCS = {
     "webhook_deliveries": (None, {"200": "DeliveryList"}), "get_webhook": (None, {"200": "Webhook"}),
     "replace_webhook": ("WebhookConfig", {"200": "Webhook"}), "delete_webhook": (None, {"200": "Deleted"}),
     "get_delivery": (None, {"200": "Delivery"}), "retry_delivery": (None, {"202": "Queued"}),
+    "list_deliveries": (None, {"200": "DeliveryList"}), "stats": (None, {"200": "Stats"}),
+    "delivery_request": (None, {"200": "KeptRequest"}), "replay_delivery": ("Replay", {"200": "Reply", "202": "Queued"}),
     "list_agents": (None, {"200": "AgentList"}), "create_agent": ("AgentConfig", {"201": "Agent"}),
     "get_agent": (None, {"200": "Agent"}), "replace_agent": ("AgentConfig", {"200": "Agent"}),
     "delete_agent": (None, {"200": "Deleted"}),
 }
 API_QUERY = {"get_delivery": {"wait": "number"}, "webhook_deliveries": {"limit": "integer", "status": "string"},
+             "list_deliveries": {"webhook": "string", "status": "string", "limit": "integer"},
+             "delivery_request": {"format": "string"},
              "trigger": {"dry_run": "string", "response_mode": "string"}, "receive": {"response_mode": "string"}}
 API_SECURITY = {
     "public": [], "admin": [{"admin": []}], "generic": [{"webhookSecret": []}],
@@ -4953,7 +5021,8 @@ class App:
         self.store = self.backend.config
         self.vault = self.backend.vault
         self.metrics = Metrics()
-        self.engine = DeliveryEngine(self.backend.open_deliveries, self.store.current, self.options, self.metrics)
+        self.engine = DeliveryEngine(self.backend.open_deliveries, self.store.current, self.options, self.metrics,
+                                     self._failure_targets)
         rate = parse_rate(self.options.rate_limit)
         # per IP: in memory (before authentication nothing touches storage); per webhook: the backend's
         self.ip_limiter, self.hook_limiter = RateLimiter(rate), self.backend.rate_limiter(rate)
@@ -4983,6 +5052,19 @@ class App:
     @property
     def deliveries(self) -> DeliveryStore | None:
         return self.engine.store
+
+    def _failure_targets(self, webhook: str) -> list:
+        """Where a failure of ``webhook`` is told: its ``on_failure`` targets, then the vault's ``on_failure``."""
+        wh = self.store.current().webhooks.get(webhook)
+        targets = list(wh.on_failure) if wh else []
+        raw = self.vault.get("on_failure")
+        if raw:
+            try:
+                targets += parse_targets(json.loads(raw), "vault key on_failure", ALERT_FORMATS)
+            except (ValueError, HTTPError) as e:
+                log.error("vault key on_failure is not a JSON list of {\"url\", \"headers\"} targets: %s",
+                          getattr(e, "message", e))
+        return targets
 
     def reload(self) -> None:
         """Re-read every config document on the next request (SIGHUP)."""
@@ -5206,8 +5288,12 @@ class App:
             req.info["outcome"] = "queued"
             return Response.json(202, {"success": True, "agent": agent.name, "status": "queued", "delivery_id": delivery_id},
                                  {"Location": f"/api/deliveries/{delivery_id}"})
-        response = self.engine.run_sync(webhook=webhook, agent=agent, message=message, context=context,
-                                        delivery_id=delivery_id, event=event, wh=wh, **kept)
+        try:
+            response = self.engine.run_sync(webhook=webhook, agent=agent, message=message, context=context,
+                                            delivery_id=delivery_id, event=event, wh=wh, **kept)
+        except (AgentFailed, AgentTimeout) as e:  # the record has the detail: say which one it is
+            e.extra["delivery_id"] = delivery_id
+            raise
         req.info["outcome"] = "ok"
         return Response.json(200, {"success": True, "agent": agent.name, "response": response, "context": context,
                                    "delivery_id": delivery_id})

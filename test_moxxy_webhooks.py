@@ -5474,6 +5474,61 @@ def test_deliveries_listing_and_stats_across_webhooks(either_gw):
     assert stats["failed"] == 1 and "queued" in stats
 
 
+# --- alerts on failure ---
+
+
+def test_on_failure_targets_hear_of_a_failure_and_of_the_recovery(gw, recorder, tmp_path):
+    alerts = recorder()
+    flag = tmp_path / "fail"
+    flag.write_text("1")
+    gw.add_agent("flaky", {"kind": "command", "argv": [PY, "-c", "import os, sys; sys.exit(3 if os.path.exists(sys.argv[1]) "
+                                                        "else 0)", str(flag)]})
+    create(gw, {"name": "hook", "secret": SECRET, "agent": "flaky",
+                "on_failure": [{"url": alerts.url + "/alert", "headers": {"Authorization": "Bearer alert-token"}}]})
+    failed = post_json(gw, "hook", {"message": "one"})
+    assert failed[0] == 502
+    method, path, headers, body = alerts.next()
+    assert (method, path, headers["authorization"]) == ("POST", "/alert", "Bearer alert-token")
+    assert body["event"] == "delivery_failed" and body["webhook"] == "hook"
+    assert body["delivery"]["id"] == failed[2]["delivery_id"] and body["delivery"]["status"] == "failed"
+    assert "exit status 3" in body["text"]
+    flag.unlink()
+    recovered = post_json(gw, "hook", {"message": "two"})[2]
+    body = alerts.next()[3]
+    assert body["event"] == "webhook_recovered" and body["delivery"]["id"] == recovered["delivery_id"]
+    assert post_json(gw, "hook", {"message": "three"})[0] == 200  # still fine: nothing to say
+    flag.write_text("1")
+    assert post_json(gw, "hook", {"message": "four"})[0] == 502
+    assert alerts.next()[3]["event"] == "delivery_failed"  # the next alert is this failure, not a second recovery
+    assert gw.admin_call("GET", "/api/webhooks/hook")[2]["on_failure"] == [
+        {"url": alerts.url + "/alert", "headers": {"Authorization": "***"}}]
+
+
+def test_an_async_delivery_alerts_once_it_has_failed_for_good(gateway, recorder):
+    alerts = recorder()
+    gw = gateway(max_attempts=2)
+    gw.vault_set("on_failure", json.dumps([{"url": alerts.url + "/all"}]))  # the global list: every webhook
+    gw.add_agent("down", {"kind": "http", "url": "http://127.0.0.1:9/nothing", "timeout": 2})
+    queued = gw.generic({"agent": "down", "message": "later", "response_mode": "async"})[2]
+    method, path, _, body = alerts.next()
+    assert path == "/all" and body["webhook"] == "generic" and body["delivery"]["attempts"] == 2
+    record = gw.admin_call("GET", f"/api/deliveries/{queued['delivery_id']}")[2]
+    assert record["status"] == "failed" and [h["attempt"] for h in record["history"]] == [1, 2]
+
+
+def test_a_slack_target_gets_a_slack_message(gw, recorder):
+    slack = recorder()
+    gw.add_agent("down", {"kind": "http", "url": "http://127.0.0.1:9/nothing", "timeout": 2})
+    create(gw, {"name": "s", "secret": SECRET, "agent": "down",
+                "on_failure": [{"url": slack.url + "/services/T0/B0/x", "format": "slack"}]})
+    assert post_json(gw, "s", {"message": "x"})[0] == 502
+    body = slack.next()[3]
+    assert set(body) == {"text"} and "webhook 's' failed" in body["text"]
+    assert mw.alert_format({"url": "https://hooks.slack.com/services/T0/B0/x"}) == "slack"  # found by its host
+    status, _, error = gw.admin_call("POST", "/api/webhooks", {"name": "t", "on_failure": [{"url": slack.url, "format": "xml"}]})
+    assert status == 400 and error["error"] == "on_failure[0].format: must be one of json, slack"
+
+
 # === HTTP server ===
 
 
