@@ -19,6 +19,7 @@ Sections (``grep -n '^# ===' moxxy_webhooks.py``), each using only those above i
     Delivery engine   sync runs, async workers and retries, durable replies (reply_to, platform answers)
     Requests          Request and Response: what the application sees of HTTP
     Platforms         Telegram, Slack, Discord
+    Operator's page   the built-in page at /ui: HTML, script and style, under a strict CSP
     Application       routes and who may call them, request -> response, no sockets
     HTTP server       a thin handler over the application
     CLI               click commands over the same stores
@@ -1985,6 +1986,13 @@ def save_webhook(store: ConfigStore, name: str, cfg: dict, create: bool,
                 # a Standard Webhooks sender's library needs whsec_<base64>; anything else takes a plain token
                 uses_standard = isinstance(new.get("auth"), list) and "standard" in new["auth"]
                 generated = new["secret"] = new_standard_secret() if uses_standard else secrets.token_urlsafe(24)
+        for field in ("reply_to", "on_failure"):  # a header shown as *** keeps its stored value (GET, edit, PUT)
+            kept = {t.get("url"): t.get("headers", {}) for t in (old or {}).get(field, []) if isinstance(t, dict)}
+            for target in new.get(field) or []:
+                if isinstance(target, dict) and isinstance(target.get("headers"), dict):
+                    for header, value in target["headers"].items():
+                        if value == REDACTED and header in kept.get(target.get("url"), {}):
+                            target["headers"][header] = kept[target["url"]][header]
         new["created_at"] = old.get("created_at", now) if old else now
         new["updated_at"] = now
         agents = {"default": True, **doc.get("agents", {})}
@@ -4711,6 +4719,411 @@ class Platforms:
         return [("discord edit original", "PATCH", url, {"content": cut_text(args["text"] or "(empty answer)", 2000)}, {})]
 
 
+# === Operator's page ===
+# One HTML page, its script and its style, served by the gateway itself: no CDN, no build step. The
+# script talks to the admin API with the token kept in the tab's sessionStorage; it builds the DOM with
+# textContent only, and a strict Content-Security-Policy allows nothing but these three files.
+
+UI_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                               "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache", "Cross-Origin-Opener-Policy": "same-origin",
+}
+UI_FILES = {  # path -> (content type, body)
+    "/ui": ("text/html; charset=utf-8", r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>moxxy-webhooks</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/ui/app.css">
+<script src="/ui/app.js" defer></script>
+</head>
+<body>
+<header>
+  <h1>moxxy-webhooks</h1>
+  <nav id="nav" hidden>
+    <a href="#/webhooks" id="nav-webhooks">Webhooks</a>
+    <a href="#/deliveries" id="nav-deliveries">Deliveries</a>
+    <a href="#/new" id="nav-new">New webhook</a>
+    <button type="button" id="signout">Sign out</button>
+  </nav>
+</header>
+<div id="flash"></div>
+<main id="main"><noscript>This page needs JavaScript (served by this gateway; nothing is fetched from elsewhere).</noscript></main>
+</body>
+</html>
+"""),
+    "/ui/app.css": ("text/css; charset=utf-8", r""":root { --fg: #1d2329; --muted: #5d6b78; --line: #d9dee3; --bg: #f7f8fa; --accent: #2f5fd0; --bad: #b3261e; --good: #1f7a3a; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--fg); background: var(--bg); }
+header { display: flex; align-items: center; gap: 2rem; padding: .6rem 1.2rem; background: #fff; border-bottom: 1px solid var(--line); }
+h1 { font-size: 1.1rem; margin: 0; }
+nav { display: flex; gap: 1rem; align-items: center; }
+nav[hidden] { display: none; }
+a { color: var(--accent); text-decoration: none; }
+a:hover { text-decoration: underline; }
+main { padding: 1rem 1.2rem; max-width: 1200px; }
+table { border-collapse: collapse; width: 100%; background: #fff; }
+th, td { text-align: left; padding: .35rem .6rem; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { font-weight: 600; color: var(--muted); }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.failing { color: var(--bad); font-weight: 600; }
+td.result { max-width: 32rem; overflow-wrap: anywhere; }
+.mono, pre, code { font-family: ui-monospace, "SFMono-Regular", Menlo, monospace; font-size: 12.5px; }
+pre { white-space: pre-wrap; overflow-wrap: anywhere; margin: 0; }
+pre.result { background: #fff; border: 1px solid var(--line); padding: .6rem; margin-top: .8rem; min-height: 2rem; }
+.status { display: inline-block; padding: 0 .45rem; border-radius: .6rem; font-size: 12px; background: #e8ebef; }
+.status.succeeded { background: #dcf2e3; color: var(--good); }
+.status.failed { background: #fbe1df; color: var(--bad); }
+.status.queued, .status.running { background: #e3ebfb; color: var(--accent); }
+.status.filtered { background: #f3efd9; color: #6f5d0c; }
+.muted { color: var(--muted); }
+.error { color: var(--bad); }
+.info { color: var(--good); }
+#flash p { margin: .6rem 1.2rem; }
+.filters { display: flex; gap: 1.2rem; margin-bottom: .8rem; align-items: center; }
+dl { display: grid; grid-template-columns: 9rem 1fr; gap: .3rem 1rem; background: #fff; padding: .8rem; border: 1px solid var(--line); }
+dt { color: var(--muted); }
+dd { margin: 0; }
+.actions { display: flex; gap: .6rem; margin-top: .8rem; flex-wrap: wrap; }
+button { font: inherit; padding: .35rem .8rem; border: 1px solid var(--accent); border-radius: .3rem; background: var(--accent); color: #fff; cursor: pointer; }
+#signout { background: #fff; color: var(--accent); }
+form { max-width: 40rem; }
+.field { display: flex; flex-direction: column; margin-bottom: .7rem; }
+.field label, form label { color: var(--muted); margin-bottom: .15rem; }
+input[type=text], input[type=password], textarea, select { font: inherit; padding: .35rem .5rem; border: 1px solid var(--line); border-radius: .3rem; background: #fff; }
+textarea { font-family: ui-monospace, Menlo, monospace; font-size: 12.5px; width: 100%; }
+.field input[type=checkbox] { align-self: flex-start; }
+.field-error:empty { display: none; }
+#signin { background: #fff; padding: 1.2rem; border: 1px solid var(--line); display: flex; flex-direction: column; gap: .5rem; max-width: 28rem; }
+"""),
+    "/ui/app.js": ("text/javascript; charset=utf-8", r""""use strict";
+// moxxy-webhooks operator's page. Every value goes into the page as text (textContent), never as
+// HTML; the admin token lives in this tab's sessionStorage and goes out only as an Authorization header.
+const KEY = "moxxy-admin-token";
+const $ = (id) => document.getElementById(id);
+let refresh = null;
+let pending = null;  // a message for the next view
+
+function go(hash, message) {
+  pending = message;
+  if (location.hash === hash) route(); else location.hash = hash;
+}
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (v !== null && v !== undefined && v !== false) node.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+async function api(method, path, body) {
+  const headers = {"Authorization": "Bearer " + sessionStorage.getItem(KEY)};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const reply = await fetch(path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+                                   cache: "no-store", credentials: "omit"});
+  let doc = null;
+  try { doc = await reply.json(); } catch (e) { doc = {error: "HTTP " + reply.status}; }
+  if (reply.status === 401) { signOut("The admin token was refused: sign in again."); throw new Error("401"); }
+  return {status: reply.status, doc};
+}
+
+function show(...nodes) {
+  const main = $("main");
+  main.replaceChildren(...nodes);
+}
+
+function flash(text, kind) {
+  $("flash").replaceChildren(text ? el("p", {class: kind || "info", id: "flash-text"}, text) : "");
+}
+
+function signOut(why) {
+  sessionStorage.removeItem(KEY);
+  stopRefresh();
+  $("nav").hidden = true;
+  show(signInForm(why));
+}
+
+function signInForm(why) {
+  const input = el("input", {type: "password", id: "token", autocomplete: "off", placeholder: "admin token"});
+  const error = el("p", {class: "error", id: "signin-error"}, why || "");
+  const form = el("form", {id: "signin", onsubmit: async (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(KEY, input.value.trim());
+    const reply = await fetch("/api/stats", {headers: {"Authorization": "Bearer " + input.value.trim()},
+                                             credentials: "omit", cache: "no-store"});
+    if (reply.status !== 200) {
+      sessionStorage.removeItem(KEY);
+      error.textContent = reply.status === 401 ? "That is not the admin token (moxxy-webhooks vault get admin_token)."
+                                               : "The gateway answered HTTP " + reply.status + ".";
+      return;
+    }
+    $("nav").hidden = false;
+    go(location.hash === "" || location.hash === "#" ? "#/webhooks" : location.hash, null);
+  }},
+    el("h2", {}, "Sign in"),
+    el("label", {for: "token"}, "Admin token (moxxy-webhooks vault get admin_token)"),
+    input, el("button", {type: "submit", id: "signin-button"}, "Sign in"), error);
+  return form;
+}
+
+function stopRefresh() {
+  if (refresh) clearInterval(refresh);
+  refresh = null;
+}
+
+function when(iso) {
+  return iso ? iso.replace("T", " ").replace("Z", "") : "";
+}
+
+function statusBadge(status) {
+  return el("span", {class: "status " + (status || "none")}, status || "none");
+}
+
+// --- webhooks ---
+
+async function webhooksView() {
+  const [list, stats] = await Promise.all([api("GET", "/api/webhooks"), api("GET", "/api/stats")]);
+  const counts = stats.doc.webhooks || {};
+  const rows = (list.doc.webhooks || []).map((w) => {
+    const s = counts[w.name] || {};
+    return el("tr", {"data-webhook": w.name},
+      el("td", {}, el("a", {href: "#/webhook/" + encodeURIComponent(w.name)}, w.name)),
+      el("td", {}, w.agent || "default"), el("td", {}, w.response_mode || "sync"),
+      el("td", {}, w.enabled === false ? "disabled" : "enabled"),
+      el("td", {}, s.last_status ? statusBadge(s.last_status) : "none", " ", when(s.last_at)),
+      el("td", {class: "num"}, String(s.deliveries || 0)),
+      el("td", {class: "num" + (s.failed ? " failing" : "")}, String(s.failed || 0)),
+      el("td", {}, el("a", {href: "#/deliveries?webhook=" + encodeURIComponent(w.name)}, "deliveries")));
+  });
+  show(el("h2", {}, "Webhooks"),
+    el("p", {class: "muted"}, `Queue: ${stats.doc.queued || 0} queued, ${stats.doc.running || 0} running, ` +
+       `${stats.doc.failed || 0} failed in the last hour. Counts are for the last 24 hours.`),
+    rows.length ? el("table", {id: "webhooks"},
+      el("thead", {}, el("tr", {}, ["Name", "Agent", "Mode", "State", "Last delivery", "Deliveries", "Failed", ""]
+        .map((h) => el("th", {}, h)))), el("tbody", {}, rows))
+      : el("p", {}, "No webhooks yet. ", el("a", {href: "#/new"}, "Create one"), "."));
+}
+
+// --- deliveries ---
+
+async function deliveriesView(params) {
+  const webhooks = (await api("GET", "/api/webhooks")).doc.webhooks || [];
+  const pick = el("select", {id: "filter-webhook"}, el("option", {value: ""}, "every webhook"),
+    ["generic", "telegram", "slack", "discord", ...webhooks.map((w) => w.name)].map((n) =>
+      el("option", {value: n, selected: params.get("webhook") === n}, n)));
+  const status = el("select", {id: "filter-status"}, el("option", {value: ""}, "any status"),
+    ["queued", "running", "succeeded", "failed", "filtered"].map((s) =>
+      el("option", {value: s, selected: params.get("status") === s}, s)));
+  const live = el("input", {type: "checkbox", id: "live", checked: true});
+  const body = el("tbody", {id: "deliveries-body"});
+  const apply = () => {
+    const q = new URLSearchParams();
+    if (pick.value) q.set("webhook", pick.value);
+    if (status.value) q.set("status", status.value);
+    location.hash = "#/deliveries?" + q.toString();
+  };
+  pick.addEventListener("change", apply);
+  status.addEventListener("change", apply);
+  const load = async () => {
+    const q = new URLSearchParams({limit: "100"});
+    for (const k of ["webhook", "status"]) if (params.get(k)) q.set(k, params.get(k));
+    const {doc} = await api("GET", "/api/deliveries?" + q.toString());
+    const rows = (doc.deliveries || []).map((d) => el("tr", {"data-delivery": d.id},
+      el("td", {}, el("a", {href: "#/delivery/" + d.id, class: "mono"}, d.id.slice(0, 12))),
+      el("td", {}, d.webhook), el("td", {}, statusBadge(d.status)), el("td", {class: "num"}, String(d.attempts)),
+      el("td", {}, when(d.created_at)), el("td", {}, d.replay_of ? "replay" : ""),
+      el("td", {class: "result"}, (d.error || d.response || "").slice(0, 120))));
+    body.replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", {colspan: 7},
+      "No deliveries match. Send one, or change the filters."))]));
+  };
+  await load();
+  stopRefresh();
+  refresh = setInterval(() => { if (live.checked) load().catch(() => {}); }, 2000);
+  show(el("h2", {}, "Deliveries"),
+    el("div", {class: "filters"}, el("label", {}, "Webhook ", pick), el("label", {}, "Status ", status),
+      el("label", {}, live, " live (every 2 s)")),
+    el("table", {id: "deliveries"}, el("thead", {}, el("tr", {},
+      ["Delivery", "Webhook", "Status", "Tries", "Created", "", "Result"].map((h) => el("th", {}, h)))), body));
+}
+
+// --- one delivery ---
+
+function field(name, value, id) {
+  return [el("dt", {}, name), el("dd", {id: id || null}, value === null || value === undefined ? "" : value)];
+}
+
+async function deliveryView(id) {
+  const {status, doc} = await api("GET", "/api/deliveries/" + encodeURIComponent(id));
+  if (status !== 200) return show(el("p", {class: "error"}, doc.error));
+  const kept = doc.has_request ? (await api("GET", `/api/deliveries/${encodeURIComponent(id)}/request`)).doc : null;
+  const timeline = el("ol", {id: "timeline"}, el("li", {}, when(doc.created_at) + ": received"),
+    (doc.history || []).map((h) => el("li", {}, `${when(h.at)}: attempt ${h.attempt} failed: ${h.error}`)),
+    doc.finished_at ? el("li", {}, `${when(doc.finished_at)}: ${doc.status} after ${doc.attempts} attempt(s)`)
+                    : el("li", {}, `${doc.status} (attempt ${doc.attempts})`));
+  const result = el("pre", {id: "action-result", class: "result"});
+  const say = (reply) => {
+    result.textContent = JSON.stringify(reply.doc, null, 2);
+    const made = reply.doc.delivery_id || (reply.doc.deliveries && reply.doc.deliveries[0] && reply.doc.deliveries[0].delivery_id);
+    if (made && !reply.doc.dry_run && made !== id) {
+      result.append(document.createTextNode("\n"), el("a", {href: "#/delivery/" + made, id: "new-delivery"},
+                                                          "open the new delivery " + made));
+    }
+  };
+  const buttons = el("div", {class: "actions"});
+  if (doc.status === "failed") {
+    buttons.append(el("button", {id: "retry", onclick: async () => say(await api("POST", `/api/deliveries/${id}/retry`))},
+                      "Retry its message"));
+  }
+  const edited = el("textarea", {id: "edited-body", rows: 10, spellcheck: "false"});
+  if (kept) {
+    edited.value = kept.body !== undefined ? kept.body : "";
+    buttons.append(
+      el("button", {id: "replay", onclick: async () => say(await api("POST", `/api/deliveries/${id}/replay`, {}))},
+         "Replay through today's config"),
+      el("button", {id: "dry-run", onclick: async () =>
+        say(await api("POST", `/api/deliveries/${id}/replay`, {dry_run: true, body: edited.value}))},
+         "Dry run with the edited body"),
+      el("button", {id: "replay-edited", onclick: async () =>
+        say(await api("POST", `/api/deliveries/${id}/replay`, {body: edited.value}))}, "Replay the edited body"));
+  }
+  show(el("h2", {}, "Delivery ", el("span", {class: "mono", id: "delivery-id"}, doc.id)),
+    el("dl", {id: "delivery"}, field("Webhook", doc.webhook), field("Agent", doc.agent),
+      field("Status", statusBadge(doc.status), "delivery-status"), field("Event", doc.event),
+      doc.replay_of ? field("Replay of", el("a", {href: "#/delivery/" + doc.replay_of}, doc.replay_of), "replay-of") : [],
+      doc.note ? field("Note", doc.note) : [],
+      field("Error", doc.error ? el("pre", {}, doc.error) : "", "delivery-error"),
+      field("Response", doc.response !== null ? el("pre", {}, doc.response) : "", "delivery-response")),
+    el("h3", {}, "Timeline"), timeline,
+    el("h3", {}, "Kept request"),
+    kept ? el("div", {id: "kept"},
+      el("p", {class: "mono"}, `${kept.method} ${kept.path}${kept.query ? "?" + kept.query : ""} from ${kept.client}`),
+      el("table", {}, el("tbody", {}, Object.entries(kept.headers).map(([k, v]) => el("tr", {}, el("td", {class: "mono"}, k),
+                                                                                       el("td", {}, v))))),
+      kept.removed_headers.length ? el("p", {class: "muted"}, "Not kept (credentials): " + kept.removed_headers.join(", ")) : "",
+      kept.body_truncated ? el("p", {class: "error"}, `The body was cut at its first bytes (${kept.size} in all).`) : "",
+      el("label", {for: "edited-body"}, "Body (edit it for a dry run or a replay)"), edited)
+      : el("p", {class: "muted"}, 'Not kept: the webhook keeps requests with "keep_requests": true.'),
+    buttons, result);
+}
+
+// --- create and edit a webhook ---
+
+const FIELDS = [
+  ["name", "Name", "input"], ["agent", "Agent", "input"], ["response_mode", "Mode (sync or async)", "input"],
+  ["transform.message_template", "Message template", "textarea"], ["filters.include", "Include (one glob a line)", "textarea"],
+  ["filters.exclude", "Exclude (one glob a line)", "textarea"], ["filters.condition", "Condition", "input"],
+  ["filters.event", "Event name template", "input"], ["keep_requests", "Keep requests", "checkbox"],
+  ["enabled", "Enabled", "checkbox"],
+];
+
+function get(doc, path) {
+  return path.split(".").reduce((o, k) => (o && typeof o === "object" ? o[k] : undefined), doc);
+}
+
+function put(doc, path, value) {
+  const keys = path.split(".");
+  let o = doc;
+  for (const k of keys.slice(0, -1)) o = o[k] = (o[k] && typeof o[k] === "object" ? o[k] : {});
+  if (value === undefined) delete o[keys[keys.length - 1]]; else o[keys[keys.length - 1]] = value;
+}
+
+async function webhookForm(name) {
+  let config = {enabled: true};
+  if (name) {
+    const {status, doc} = await api("GET", "/api/webhooks/" + encodeURIComponent(name));
+    if (status !== 200) return show(el("p", {class: "error"}, doc.error));
+    config = doc;
+  }
+  const inputs = {};
+  const errors = {};
+  const rows = FIELDS.map(([path, label, kind]) => {
+    const id = "f-" + path.replace(".", "-");
+    const value = get(config, path);
+    const input = kind === "textarea" ? el("textarea", {id, rows: 3}) : el("input", {id, type: kind === "checkbox" ? "checkbox" : "text"});
+    if (kind === "checkbox") input.checked = path === "enabled" ? value !== false : Boolean(value);
+    else input.value = Array.isArray(value) ? value.join("\n") : (value === undefined ? "" : String(value));
+    if (path === "name" && name) input.readOnly = true;
+    inputs[path] = [input, kind];
+    errors[path] = el("p", {class: "error field-error", id: id + "-error"});
+    return el("div", {class: "field"}, el("label", {for: id}, label), input, errors[path]);
+  });
+  const general = el("p", {class: "error", id: "form-error"});
+  const submit = async (event) => {
+    event.preventDefault();
+    Object.values(errors).forEach((e) => { e.textContent = ""; });
+    general.textContent = "";
+    const doc = JSON.parse(JSON.stringify(config));
+    for (const k of ["has_secret", "created_at", "updated_at"]) delete doc[k];
+    for (const [path, [input, kind]] of Object.entries(inputs)) {
+      let value = kind === "checkbox" ? input.checked : input.value.trim();
+      if (path.startsWith("filters.in") || path.startsWith("filters.ex")) {
+        value = value ? value.split("\n").map((s) => s.trim()).filter(Boolean) : undefined;
+      } else if (value === "") value = undefined;
+      put(doc, path, value);
+    }
+    for (const k of ["transform", "filters"]) if (doc[k] && !Object.keys(doc[k]).length) delete doc[k];
+    const reply = name ? await api("PUT", "/api/webhooks/" + encodeURIComponent(name), doc)
+                       : await api("POST", "/api/webhooks", doc);
+    if (reply.status === 200 || reply.status === 201) {
+      const shown = reply.doc.secret && reply.doc.secret !== "***" ? reply.doc.secret : null;
+      go("#/webhook/" + encodeURIComponent(reply.doc.name),
+         shown ? `Saved. Its secret (shown once, store it now): ${shown}` : "Saved.");
+      return;
+    }
+    const message = reply.doc.error || "HTTP " + reply.status;
+    const at = Object.keys(errors).sort((a, b) => b.length - a.length).find((p) => message.startsWith(p + ":") ||
+                                                                                     message.startsWith(p + "["));
+    (at ? errors[at] : general).textContent = message;
+  };
+  show(el("h2", {}, name ? "Webhook " + name : "New webhook"),
+    el("form", {id: "webhook-form", onsubmit: submit}, rows, general,
+      el("button", {type: "submit", id: "save"}, name ? "Save" : "Create")),
+    name ? el("p", {}, el("a", {href: "#/deliveries?webhook=" + encodeURIComponent(name)}, "Its deliveries")) : "");
+}
+
+// --- routing ---
+
+async function route() {
+  stopRefresh();
+  flash(pending);
+  pending = null;
+  if (!sessionStorage.getItem(KEY)) return signOut();
+  $("nav").hidden = false;
+  const [path, query] = location.hash.replace(/^#/, "").split("?");
+  const params = new URLSearchParams(query || "");
+  const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+  try {
+    if (parts[0] === "deliveries") await deliveriesView(params);
+    else if (parts[0] === "delivery") await deliveryView(parts[1]);
+    else if (parts[0] === "webhook") await webhookForm(parts[1]);
+    else if (parts[0] === "new") await webhookForm(null);
+    else await webhooksView();
+  } catch (e) {
+    if (e.message !== "401") show(el("p", {class: "error"}, "Could not reach the gateway: " + e.message));
+  }
+}
+
+window.addEventListener("hashchange", () => route());
+document.addEventListener("DOMContentLoaded", () => {
+  $("signout").addEventListener("click", () => signOut("Signed out."));
+  route();
+});
+"""),
+}
+
+
 # === Application ===
 
 
@@ -4742,6 +5155,11 @@ class Route:
     def __post_init__(self):
         if self.access not in ACCESS:
             raise ValueError(f"route {self.method} {self.name}: unknown access {self.access!r}")
+
+    @property
+    def path_is_page(self) -> bool:
+        """The operator's page and its files: not part of the API (nor of its OpenAPI document)."""
+        return self.name == "/ui" or self.name.startswith("/ui/")
 
 
 @dataclasses.dataclass
@@ -4969,6 +5387,8 @@ def openapi_document(routes: list) -> dict:
     """The OpenAPI 3.1 document of a route table."""
     paths: dict = {}
     for route in routes:
+        if route.path_is_page:
+            continue
         request, replies = API_DOCS[route.handler.__name__]
         params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
                   for p in re.findall(r"{(\w+)}", route.name)]
@@ -5106,6 +5526,8 @@ class App:
             ("PUT", r"/api/agents/(?P<name>[^/]+)", self.replace_agent, "admin"),
             ("DELETE", r"/api/agents/(?P<name>[^/]+)", self.delete_agent, "admin"),
         ]
+        if self.options.ui:
+            rows += [("GET", path, self.ui, "public") for path in UI_FILES]
         return [Route(m, re.compile(pattern), h, access, re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern),
                       h.__name__.split("_")[0] if access == "platform" else None)
                 for m, pattern, h, access in rows]
@@ -5323,6 +5745,11 @@ class App:
     def openapi(self, req: Request) -> Response:
         """This API's description (OpenAPI 3.1)."""
         return Response.json(200, openapi_document(self.routes))
+
+    def ui(self, req: Request) -> Response:
+        """The operator's page (sign in with the admin token): webhooks, deliveries, replay."""
+        kind, text = UI_FILES[req.path]
+        return Response(200, text.encode(), {"Content-Type": kind, **UI_HEADERS})
 
     # --- generic webhook ---
 
@@ -6253,6 +6680,9 @@ def _configure_logging(level: str, fmt: str, log_file: str | None) -> None:
 @click.option("--metrics-admin", is_flag=True, help="Require the admin token for /metrics.")
 @click.option("--lease", type=click.FloatRange(min=1), default=60.0, show_default=True,
               help="PostgreSQL: seconds a claimed job is held without a heartbeat before another gateway takes it.")
+@click.option("--keep-requests", is_flag=True,
+              help="Keep every named webhook's requests (credentials removed) for inspection and replay.")
+@click.option("--no-ui", is_flag=True, help="Turn off the operator's page at /ui.")
 @pass_state
 def serve(state: CliState, **kw) -> None:
     """Run the gateway."""
@@ -6277,7 +6707,7 @@ def serve(state: CliState, **kw) -> None:
                       trusted_proxies=proxies,
                       allow_api_exec=kw["allow_api_exec"], log_bodies=kw["log_bodies"],
                       metrics_admin=kw["metrics_admin"], tls_cert=kw["tls_cert"], tls_key=kw["tls_key"],
-                      lease=kw["lease"])
+                      lease=kw["lease"], keep_requests=kw["keep_requests"], ui=not kw["no_ui"])
     running = None if state.database_url else running_server(state.paths)
     if running and running["pid"] != os.getpid():
         raise click.ClickException(f"a server (pid {running['pid']}) is already running on {state.paths.root} at "

@@ -3859,7 +3859,8 @@ def test_every_route_refuses_callers_without_the_right_credentials(gateway):
     delivery = g.generic({"message": "hi", "response_mode": "async"})[2]["delivery_id"]
     public = {(r.method, r.name) for r in g.app.routes if r.access == "public"}
     assert public == {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/api/openapi.json"),
-                      ("OPTIONS", "/api/webhooks/{name}")}  # the CloudEvents handshake: it runs nothing
+                      ("OPTIONS", "/api/webhooks/{name}"),  # the CloudEvents handshake: it runs nothing
+                      ("GET", "/ui"), ("GET", "/ui/app.css"), ("GET", "/ui/app.js")}  # static files; data needs admin
     for route in g.app.routes:
         if route.access == "public":
             continue
@@ -5529,6 +5530,193 @@ def test_a_slack_target_gets_a_slack_message(gw, recorder):
     assert status == 400 and error["error"] == "on_failure[0].format: must be one of json, slack"
 
 
+# --- the operator's page ---
+
+
+def test_the_page_is_served_under_a_strict_policy_and_fetches_nothing_from_elsewhere(gateway):
+    gw = gateway()
+    for path, kind in (("/ui", "text/html"), ("/ui/app.js", "text/javascript"), ("/ui/app.css", "text/css")):
+        status, headers, text = gw.request("GET", path)
+        assert status == 200 and headers["content-type"].startswith(kind)
+        assert headers["content-security-policy"].startswith("default-src 'none'; script-src 'self';")
+        assert "unsafe" not in headers["content-security-policy"]
+        assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+        assert "set-cookie" not in headers
+        assert not re.search(r"https?://", text)  # no CDN, no font, no analytics
+    html = gw.request("GET", "/ui")[2]
+    assert re.findall(r"<script[^>]*>", html) == ['<script src="/ui/app.js" defer>']  # no inline script
+    script = gw.request("GET", "/ui/app.js")[2]
+    assert "innerHTML" not in script and "eval(" not in script and "localStorage" not in script
+    off = gateway(ui=False)  # serve --no-ui
+    assert off.request("GET", "/ui")[0] == 404
+
+
+CHROMIUM = next((p for p in ("/usr/lib/chromium/chromium", shutil.which("chromium"), shutil.which("chromium-browser"))
+                 if p and os.path.exists(p)), None)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless Chromium through its chromedriver (Selenium): nothing is downloaded."""
+    def missing(why):
+        if os.environ.get("MOXXY_TEST_BROWSER") == "required":
+            pytest.fail(f"a browser is required here (MOXXY_TEST_BROWSER=required) but {why}")
+        pytest.skip(f"no browser: {why} (apt-get install chromium chromium-driver; pip install selenium)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing("selenium is not installed")
+    if not CHROMIUM or not shutil.which("chromedriver"):
+        missing("chromium or chromedriver is not installed")
+    os.environ.update(SE_OFFLINE="true", SE_AVOID_STATS="true")  # Selenium Manager must not reach out
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,860",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-default-apps", "--disable-extensions"):
+        options.add_argument(flag)
+    with tempfile.TemporaryDirectory() as profile:
+        options.add_argument(f"--user-data-dir={profile}")
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        driver = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver")), options=options)
+        yield driver
+        driver.quit()
+
+
+class Page:
+    """The browser on one gateway's /ui, with waits on what the page shows (never sleeps)."""
+
+    def __init__(self, driver, gw: Gateway):
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+        self.driver, self.gw, self.By = driver, gw, By
+        self.wait = WebDriverWait(driver, 10)
+        self.url = f"http://127.0.0.1:{gw.port}/ui"
+
+    def find(self, css: str):
+        return self.wait.until(lambda d: d.find_element(self.By.CSS_SELECTOR, css))
+
+    def text_of(self, css: str, contains: str = "") -> str:
+        self.wait.until(lambda d: contains in d.find_element(self.By.CSS_SELECTOR, css).text)
+        return self.driver.find_element(self.By.CSS_SELECTOR, css).text
+
+    def count(self, css: str) -> int:
+        return len(self.driver.find_elements(self.By.CSS_SELECTOR, css))
+
+    def sign_in(self, token: str) -> None:
+        self.driver.get(self.url)
+        box = self.find("#token")
+        box.clear()
+        box.send_keys(token)
+        self.find("#signin-button").click()
+
+    def shot(self, name: str) -> None:
+        """Screenshots for the README: MOXXY_UI_SCREENSHOTS=docs pytest -k page_"""
+        where = os.environ.get("MOXXY_UI_SCREENSHOTS")
+        if where:
+            self.driver.save_screenshot(os.path.join(where, f"ui-{name}.png"))
+
+    def errors(self) -> list:
+        return [e for e in self.driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+@pytest.fixture
+def page(browser, gw):
+    browser.get_log("browser")  # what an earlier test left
+    made = Page(browser, gw)
+    yield made
+    errors = made.errors()
+    browser.execute_script("sessionStorage.clear()")
+    browser.get("about:blank")
+    assert not errors, errors  # a CSP violation, a script error, a failed request
+
+
+XSS = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 1">'
+
+
+def test_page_sign_in_see_a_delivery_arrive_open_it_and_replay_it(page, gw):
+    create(gw, {"name": "shop", "secret": SECRET, "keep_requests": True,
+                "transform": {"message_template": "order {{id}}: {{note}}"}})
+    page.sign_in("not-the-token")
+    assert "not the admin token" in page.text_of("#signin-error", "token")
+    page.driver.get_log("browser")  # the refused sign-in's 401 is expected
+    page.sign_in(gw.admin["Authorization"].split()[1])
+    assert page.text_of("#webhooks", "shop")
+    token = gw.admin["Authorization"].split()[1]
+    assert token not in page.driver.current_url and page.driver.get_cookies() == []
+    page.find("#nav-deliveries").click()
+    assert "No deliveries match" in page.text_of("#deliveries-body", "No deliveries")
+    first = post_json(gw, "shop", {"id": 42, "note": XSS})[2]  # arrives while the page is open
+    row = page.find(f'tr[data-delivery="{first["delivery_id"]}"]')
+    assert "succeeded" in row.text
+    page.shot("deliveries")
+    row.find_element(page.By.CSS_SELECTOR, "a").click()
+    assert page.text_of("#delivery-response", "order 42") == f"order 42: {XSS}"  # shown as text
+    assert page.driver.execute_script("return window.pwned") is None
+    assert page.count("#main img") == 0 and page.count("#main script") == 0
+    assert "x-webhook-secret" not in page.text_of("#kept", "POST /api/webhooks/shop").lower().split("not kept")[0]
+    page.shot("delivery")
+    page.find("#replay").click()
+    page.find("#new-delivery").click()
+    assert page.text_of("#replay-of", first["delivery_id"]) == first["delivery_id"]
+    replayed = page.text_of("#delivery-id", "")
+    assert replayed != first["delivery_id"]
+    page.driver.get(page.url + "#/deliveries?webhook=shop")
+    page.find(f'tr[data-delivery="{replayed}"]')
+    assert page.count("tr[data-delivery]") == 2
+    page.find("#nav-webhooks").click()
+    assert page.text_of('tr[data-webhook="shop"]', "succeeded").split()[-2:] == ["0", "deliveries"]  # none failed
+    page.shot("webhooks")
+
+
+def test_page_dry_runs_an_edited_payload_and_retries_a_failure(page, gw, tmp_path):
+    create(gw, {"name": "ci", "secret": SECRET, "keep_requests": True,
+                "transform": {"message_template": "build {{status}}"}})
+    first = post_json(gw, "ci", {"status": "green"})[2]
+    page.sign_in(gw.admin["Authorization"].split()[1])
+    page.find("#webhooks")
+    page.driver.get(page.url + f"#/delivery/{first['delivery_id']}")
+    body = page.find("#edited-body")
+    assert json.loads(body.get_attribute("value")) == {"status": "green"}
+    body.clear()
+    body.send_keys('{"status": "red"}')
+    page.find("#dry-run").click()
+    result = json.loads(page.text_of("#action-result", "dry_run"))
+    assert result["dry_run"] is True and result["message"] == "build red"
+    assert len(gw.admin_call("GET", "/api/deliveries?webhook=ci")[2]["deliveries"]) == 1  # a dry run records nothing
+    page.shot("dry-run")
+    add_append_agent(gw, "flaky", tmp_path / "log", fail_first=True)
+    create(gw, {"name": "fl", "secret": SECRET, "agent": "flaky"})
+    status, _, failed = post_json(gw, "fl", {"message": "x"})  # fails once: a failed delivery to retry
+    assert status == 502
+    page.driver.get(page.url + f"#/delivery/{failed['delivery_id']}")
+    page.find("#retry").click()
+    assert json.loads(page.text_of("#action-result", "queued"))["status"] == "queued"
+    assert gw.admin_call("GET", f"/api/deliveries/{failed['delivery_id']}?wait=10")[2]["status"] == "succeeded"
+
+
+def test_page_creates_a_webhook_with_errors_shown_at_the_field(page, gw):
+    page.sign_in(gw.admin["Authorization"].split()[1])
+    page.find("#nav-new").click()
+    page.find("#f-name").send_keys("from-page")
+    page.find("#f-transform-message_template").send_keys("Hello {{name}}")
+    page.find("#f-filters-condition").send_keys("$.severity ==")
+    page.find("#save").click()
+    assert page.text_of("#f-filters-condition-error", "position").startswith("filters.condition: expected a value")
+    page.shot("form-error")
+    page.driver.get_log("browser")  # the 400 is expected
+    condition = page.find("#f-filters-condition")
+    condition.clear()
+    condition.send_keys("$.severity == 'critical'")
+    page.find("#save").click()
+    assert "Its secret (shown once" in page.text_of("#flash-text", "secret")
+    stored = gw.admin_call("GET", "/api/webhooks/from-page")[2]
+    assert stored["filters"] == {"condition": "$.severity == 'critical'"} and stored["has_secret"] is True
+    page.find("#nav-webhooks").click()
+    assert "from-page" in page.text_of("#webhooks", "from-page")
+
+
 # === HTTP server ===
 
 
@@ -5666,7 +5854,8 @@ def test_the_openapi_document_is_valid_and_describes_real_replies(gw):
 
 
 def test_every_route_has_its_openapi_entry(gw):
-    assert {r.handler.__name__ for r in gw.app.routes} == set(mw.API_DOCS)
+    assert {r.handler.__name__ for r in gw.app.routes if not r.path_is_page} == set(mw.API_DOCS)
+    assert not any(path.startswith("/ui") for path in gw.request("GET", "/api/openapi.json")[2]["paths"])
 
 
 def test_metrics_count_outcomes_and_pass_promtool(gw):
