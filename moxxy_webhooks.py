@@ -3029,12 +3029,18 @@ class DeliveryLog(DeliveryStore):
 # under a lease that a heartbeat renews, every later write fenced by the claim's token; a reaper
 # puts expired leases back. The database's clock decides run times and leases.
 
-try:
-    import psycopg
-    import psycopg.rows
-    import psycopg.types.json
-except ImportError:  # only --database-url needs it
-    psycopg = None
+psycopg: Any = None  # imported on first use: only --database-url needs it, and the other commands start faster
+
+
+def load_psycopg() -> Any:
+    """psycopg 3 (the ``postgres`` extra), imported on first use; None when it is not installed."""
+    global psycopg
+    if psycopg is None:
+        with contextlib.suppress(ImportError):
+            import psycopg
+            import psycopg.rows
+            import psycopg.types.json
+    return psycopg
 
 SCHEMA_VERSION = 2
 PG_SCHEMA = [  # index = version - 1: each entry upgrades from the previous version
@@ -3071,7 +3077,7 @@ REPLY_COLUMNS = ("id", "delivery_id", "kind", "args", "status", "sent", "attempt
 
 
 def _pg_required() -> None:
-    if psycopg is None:
+    if load_psycopg() is None:
         raise click.ClickException("--database-url needs psycopg: pip install 'moxxy-webhooks[postgres]'")
 
 
@@ -6828,6 +6834,7 @@ def _database_only(state: CliState, command: str) -> str:
 def migrate(state: CliState, as_json: bool) -> None:
     """Create or upgrade the PostgreSQL schema (idempotent; safe from several boxes at once)."""
     url = _database_only(state, "migrate")
+    _pg_required()
     try:
         before, after = pg_migrate(url)
     except psycopg.Error as e:
@@ -6930,6 +6937,10 @@ def _webhook_options(func):
         click.option("--allowed-ip", multiple=True, help="IP or CIDR allowed to call (repeatable)."),
         click.option("--auth", multiple=True, metavar="SCHEME",
                      help=f"Accepted scheme (repeatable): {', '.join(AUTH_SCHEMES)}, or none."),
+        click.option("--keep-requests/--no-keep-requests", default=None,
+                     help="Keep each request (credentials removed) for inspection and replay."),
+        click.option("--on-failure", multiple=True, metavar="URL",
+                     help="POST here when a delivery fails and when the webhook recovers (repeatable)."),
         click.option("--from-json", "from_json", type=click.File("r"), help="Take the whole config from a JSON file (- for stdin)."),
     ]):
         func = decorator(func)
@@ -6975,6 +6986,10 @@ def _config_from_options(base: dict, kw: dict, name: str | None = None) -> dict:
         cfg["allowed_ips"] = list(kw["allowed_ip"])
     if kw.get("auth"):
         cfg["auth"] = "none" if list(kw["auth"]) == ["none"] else list(kw["auth"])
+    if kw.get("keep_requests") is not None:
+        cfg["keep_requests"] = kw["keep_requests"]
+    if kw.get("on_failure"):
+        cfg["on_failure"] = [{"url": url} for url in kw["on_failure"]]
     return cfg
 
 

@@ -391,7 +391,7 @@ class PgServer:
 
 @pytest.fixture(scope="session")
 def pg_server():
-    if mw.psycopg is None:
+    if mw.load_psycopg() is None:
         _pg_missing("psycopg is not installed (pip install 'moxxy-webhooks[postgres]')")
     if os.environ.get("MOXXY_TEST_DATABASE_URL"):  # an existing server whose user may create databases
         yield os.environ["MOXXY_TEST_DATABASE_URL"]
@@ -2016,6 +2016,19 @@ def test_retention_prunes_at_start(tmp_path):
         log.stop()
 
 
+def test_an_older_deliveries_db_gains_the_new_columns_and_keeps_its_rows(tmp_path):
+    path = str(tmp_path / "deliveries.db")
+    old = sqlite3.connect(path)
+    old.executescript(mw.DELIVERY_SCHEMA.replace(",\n    request TEXT,\n    replay_of TEXT,\n    history TEXT", ""))
+    old.execute("INSERT INTO deliveries (id, webhook, agent, status, created_at) VALUES ('old', 'gh', 'default', "
+                "'succeeded', 1)")
+    old.commit()
+    old.close()
+    log_db = mw.DeliveryLog(path)
+    assert {"request", "replay_of", "history"} <= {r["name"] for r in log_db.query("PRAGMA table_info(deliveries)")}
+    assert mw.public_delivery(log_db.get("old"))["has_request"] is False
+
+
 def test_a_sync_delivery_is_listed_at_once(gw):
     ids = [gw.generic({"message": f"m{i}"})[2]["delivery_id"] for i in range(3)]
     status, _, body = gw.admin_call("GET", "/api/webhooks/generic/deliveries")
@@ -2264,6 +2277,21 @@ def test_migrate_is_idempotent_and_serve_refuses_an_unknown_schema(pg_server, ru
     assert "listed-from-the-db" in runner("--database-url", url, "deliveries").output
 
 
+def test_migrate_upgrades_a_version_1_schema_and_serve_asks_for_it(pg_url, runner, restore_logging):
+    with mw.psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE moxxy_schema, moxxy_config, moxxy_deliveries, moxxy_seen, moxxy_replies, moxxy_buckets")
+        conn.execute("CREATE TABLE moxxy_schema (version integer NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+        conn.execute(mw.PG_SCHEMA[0])
+        conn.execute("INSERT INTO moxxy_schema (version) VALUES (1)")
+    refused = runner("--database-url", pg_url, "serve", "--port", "0")
+    assert refused.exit_code == 1 and "migrate" in refused.output
+    upgraded = runner("--database-url", pg_url, "migrate")
+    assert upgraded.output == f"schema version {mw.SCHEMA_VERSION} (was 1)\n"
+    store = pg_store(pg_url, start=False)
+    store.record(job(id="kept", status="succeeded", finished_at=mw.clock(), request={"moxxy_request": 1}, replay_of="x"))
+    assert mw.public_delivery(store.get("kept"))["replay_of"] == "x"
+
+
 def test_import_copies_a_data_directory_into_the_database(pg_url, runner, gateway):
     g = gateway()
     assert g.admin_call("POST", "/api/webhooks", {"name": "gh", "secret": "s"})[0] == 201
@@ -2389,7 +2417,7 @@ def test_two_gateways_share_the_queue_and_one_killed_loses_nothing(two_gateways)
 
 
 def test_the_database_going_away_is_a_503_then_serving_resumes_without_a_restart(tmp_path):
-    if mw.psycopg is None or not _pg_binary("initdb"):
+    if mw.load_psycopg() is None or not _pg_binary("initdb"):
         _pg_missing("initdb or psycopg is not installed")
     server = PgServer()  # its own server: this test stops it
     try:
@@ -5530,6 +5558,18 @@ def test_a_slack_target_gets_a_slack_message(gw, recorder):
     assert status == 400 and error["error"] == "on_failure[0].format: must be one of json, slack"
 
 
+def test_a_put_of_what_get_showed_keeps_the_target_headers_it_redacted(gw):
+    create(gw, {"name": "h", "secret": SECRET, "on_failure": [{"url": "http://127.0.0.1:9/a", "headers": {"X-Key": "k1"}}],
+                "reply_to": [{"url": "http://127.0.0.1:9/b", "headers": {"Authorization": "Bearer b1"}}]})
+    shown = gw.admin_call("GET", "/api/webhooks/h")[2]
+    assert shown["on_failure"][0]["headers"] == {"X-Key": "***"}
+    shown["description"] = "edited in the page"
+    assert gw.admin_call("PUT", "/api/webhooks/h", shown)[0] == 200
+    stored = mw.open_backend(gw.paths).config.read_raw()["webhooks"]["h"]
+    assert stored["on_failure"][0]["headers"] == {"X-Key": "k1"} and stored["reply_to"][0]["headers"] == {
+        "Authorization": "Bearer b1"} and stored["description"] == "edited in the page"
+
+
 # --- the operator's page ---
 
 
@@ -5713,6 +5753,17 @@ def test_page_creates_a_webhook_with_errors_shown_at_the_field(page, gw):
     assert "Its secret (shown once" in page.text_of("#flash-text", "secret")
     stored = gw.admin_call("GET", "/api/webhooks/from-page")[2]
     assert stored["filters"] == {"condition": "$.severity == 'critical'"} and stored["has_secret"] is True
+    secret = mw.open_backend(gw.paths).config.read_raw()["webhooks"]["from-page"]["secret"]
+    template = page.find("#f-transform-message_template")  # the page now edits the webhook it created
+    assert page.find("#f-name").get_attribute("readonly") is not None
+    template.clear()
+    template.send_keys("Edited {{name}}")
+    page.find("#f-keep_requests").click()
+    page.find("#save").click()
+    page.wait.until(lambda d: d.find_element(page.By.CSS_SELECTOR, "#flash-text").text == "Saved.")
+    stored = mw.open_backend(gw.paths).config.read_raw()["webhooks"]["from-page"]
+    assert stored["transform"] == {"message_template": "Edited {{name}}"} and stored["keep_requests"] is True
+    assert stored["secret"] == secret  # the "***" the page sent back keeps the secret
     page.find("#nav-webhooks").click()
     assert "from-page" in page.text_of("#webhooks", "from-page")
 
@@ -7575,7 +7626,7 @@ def test_readme_runs_top_to_bottom(tmp_path, recorder):
         text = text.replace(shown_as, here)
     script, where, consoles = readme_script(text, str(work))
     (tmp_path / "readme.sh").write_text(script)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MOXXY_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOXXY_") and k != "PYTHONDONTWRITEBYTECODE"}
     env.update(HOME=str(home), PATH=f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}", MOXXY_WEBHOOKS_PORT=str(port))
     proc = subprocess.Popen(["bash", str(tmp_path / "readme.sh")], cwd=work, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
