@@ -1575,11 +1575,18 @@ CLOUDEVENTS_STRUCTURED = "application/cloudevents+json"
 CLOUDEVENTS_BATCH = "application/cloudevents-batch+json"
 
 
+CLOUDEVENTS_STRINGS = ("subject", "time", "datacontenttype", "dataschema", "data_base64")  # optional, strings
+
+
 def cloudevent(envelope: Any) -> tuple[dict, dict]:
     """A structured-mode CloudEvent as (payload, its attributes as ``ce-*`` headers): the payload is its
     ``data`` (an object; anything else under ``data``), as in binary mode, where the body is the data."""
-    if not isinstance(envelope, dict) or not all(isinstance(envelope.get(k), str) for k in ("specversion", "id", "source", "type")):
-        raise BadRequest("a CloudEvent must be an object with string specversion, id, source and type")
+    if not isinstance(envelope, dict) or not all(isinstance(envelope.get(k), str) and envelope[k]
+                                                 for k in ("specversion", "id", "source", "type")):
+        raise BadRequest("a CloudEvent must be an object with non-empty string specversion, id, source and type")
+    wrong = [k for k in CLOUDEVENTS_STRINGS if k in envelope and not isinstance(envelope[k], str)]
+    if wrong:
+        raise BadRequest(f"the CloudEvent attribute {wrong[0]!r} must be a string")
     attributes = {f"ce-{k.lower()}": v if isinstance(v, str) else json_dumps(v)
                   for k, v in envelope.items() if k not in ("data", "data_base64")}
     data = envelope.get("data")
@@ -2448,6 +2455,7 @@ CREATE TABLE IF NOT EXISTS replies (
 );
 """
 FINISHED = ("succeeded", "failed", "filtered", "duplicate")
+DELIVERY_STATUSES = ("queued", "running") + FINISHED
 ADDED_COLUMNS = ("request", "replay_of", "history")  # added to deliveries after the first release
 INSERT_DELIVERY = ("INSERT OR REPLACE INTO deliveries (id, webhook, agent, status, attempts, max_attempts, event, "
                    "message, context, response, error, reply_to, created_at, finished_at, next_attempt_at, request, "
@@ -4324,6 +4332,8 @@ def _fields(pairs: Iterable[tuple[str, Any]]) -> dict:
     """Form fields as an object; a field given several times becomes a list."""
     out: dict = {}
     for key, value in pairs:
+        if not key:  # "=value": a field must have a name (multipart parts are checked the same way)
+            raise BadRequest("a field of the form has no name (name=value pairs)")
         if key in out:
             out[key] = (out[key] if isinstance(out[key], list) else [out[key]]) + [value]
         else:
@@ -4345,8 +4355,8 @@ def _multipart(content_type: str, body: bytes) -> dict:
     pairs = []
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
-        if not name:
-            continue
+        if not name:  # RFC 7578: every part has a Content-Disposition: form-data with a name
+            raise BadRequest("a part of the multipart body has no name (Content-Disposition: form-data; name=...)")
         data = part.get_payload(decode=True) or b""
         filename = part.get_filename()
         if filename is None:
@@ -5304,9 +5314,17 @@ OPENAPI_SCHEMAS = {
         "webhooks": {"type": "object", "additionalProperties": {"type": "object", "properties": {
             "deliveries": {"type": "integer"}, "failed": {"type": "integer"}, "last_status": {"type": "string"},
             "last_at": {"type": "string"}}}}}},
-    "GenericRequest": {"type": "object", "required": ["message"], "properties": {
-        "message": {"type": "string", "minLength": 1}, "agent": {"type": "string"}, "context": {"type": "object"},
-        "response_mode": {"enum": ["sync", "async"]}}},
+    "GenericRequest": {"type": "object", "required": ["message"], "properties": {  # null: the default
+        "message": {"type": "string", "minLength": 1}, "agent": _NULLABLE("string"), "context": _NULLABLE("object"),
+        "response_mode": {"enum": ["sync", "async", None]}}},
+    "CloudEvent": {"type": "object", "required": ["specversion", "id", "source", "type"], "properties": {
+        "specversion": {"type": "string", "minLength": 1}, "id": {"type": "string", "minLength": 1},
+        "source": {"type": "string", "minLength": 1}, "type": {"type": "string", "minLength": 1},
+        **{k: {"type": "string"} for k in CLOUDEVENTS_STRINGS}, "data": {}}},
+    "Form": {"type": "object", "propertyNames": {"minLength": 1}, "additionalProperties": {"type": "string"},
+             "description": "form fields, each with a name (an empty body is no field)"},
+    "Multipart": {"type": "object", "minProperties": 1, "propertyNames": {"minLength": 1},
+                  "additionalProperties": {"type": "string"}, "description": "at least one part, each with a name"},
     "Reply": {"type": "object", "description": "A sync answer, a duplicate, a filtered event, or a list of them (split, batch)",
               "properties": {"success": {"type": "boolean"}, "agent": {"type": "string"}, "response": _NULLABLE("string"),
                              "context": {"type": "object"}, "delivery_id": {"type": "string"},
@@ -5348,7 +5366,7 @@ API_DOCS = {
     "metrics_text": (None, {"200": "text"}), "openapi": (None, {"200": None}),
     "generic": ("GenericRequest", {"200": "Reply", "202": "Queued"}),
     "telegram": ("Payload", {"200": None}), "slack_events": ("Payload", {"200": None}),
-    "slack_interactive": ("Payload", {"200": None}), "discord": ("Payload", {"200": None}),
+    "slack_interactive": ("Form", {"200": None}), "discord": ("Payload", {"200": None}),
     "list_webhooks": (None, {"200": "WebhookList"}), "create_webhook": ("WebhookConfig", {"201": "Webhook"}),
     "trigger": ("Payload", {"200": "Reply", "202": "Queued"}), "receive": ("Payload", {"200": "Reply", "202": "Queued"}),
     "cloudevents_handshake": (None, {"200": None}),
@@ -5361,15 +5379,20 @@ API_DOCS = {
     "get_agent": (None, {"200": "Agent"}), "replace_agent": ("AgentConfig", {"200": "Agent"}),
     "delete_agent": (None, {"200": "Deleted"}),
 }
-API_QUERY = {"get_delivery": {"wait": "number"}, "webhook_deliveries": {"limit": "integer", "status": "string"},
-             "list_deliveries": {"webhook": "string", "status": "string", "limit": "integer"},
-             "delivery_request": {"format": "string"},
+_LIMIT = {"type": "integer", "minimum": 1, "maximum": 1000, "description": "50 by default"}
+_STATUS = {"enum": list(DELIVERY_STATUSES)}
+API_QUERY = {"get_delivery": {"wait": {"type": "number", "minimum": 0, "maximum": 30, "description": "seconds"}},
+             "webhook_deliveries": {"limit": _LIMIT, "status": _STATUS},
+             "list_deliveries": {"webhook": "string", "status": _STATUS, "limit": _LIMIT},
+             "delivery_request": {"format": {"enum": ["json", "body"]}},
              "trigger": {"dry_run": "string", "response_mode": "string"}, "receive": {"response_mode": "string"}}
 API_SECURITY = {
     "public": [], "admin": [{"admin": []}], "generic": [{"webhookSecret": []}],
     "webhook": [{"webhookSecret": []}, {"webhookBearer": []}, {"webhookBasic": []}, {"githubSignature": []},
                 {"standardWebhooks": []}, {"gitlabToken": []}, {"providerSignature": []}],
-    "platform": [{"platformSignature": []}], "owner": [{"admin": []}, {"webhookSecret": []}],
+    "owner": [{"admin": []}, {"webhookSecret": []}],
+    # the platforms, each by its own credential (route.platform)
+    "telegram": [{"telegramToken": []}], "slack": [{"slackSignature": []}], "discord": [{"discordSignature": []}],
 }
 API_SECURITY["webhook_or_admin"] = API_SECURITY["webhook"] + [{"admin": []}]
 API_SECURITY_SCHEMES = {
@@ -5384,8 +5407,12 @@ API_SECURITY_SCHEMES = {
     "gitlabToken": {"type": "apiKey", "in": "header", "name": "X-Gitlab-Token"},
     "providerSignature": {"type": "apiKey", "in": "header", "name": "Stripe-Signature",
                           "description": "or the header of another preset (README: Authentication)"},
-    "platformSignature": {"type": "apiKey", "in": "header", "name": "X-Slack-Signature",
-                          "description": "Telegram's secret token, Slack's or Discord's signature"},
+    "telegramToken": {"type": "apiKey", "in": "header", "name": "X-Telegram-Bot-Api-Secret-Token",
+                      "description": "vault telegram_secret_token, as given to setWebhook"},
+    "slackSignature": {"type": "apiKey", "in": "header", "name": "X-Slack-Signature",
+                       "description": "v0=<hex HMAC-SHA256 of v0:timestamp:body>, with X-Slack-Request-Timestamp"},
+    "discordSignature": {"type": "apiKey", "in": "header", "name": "X-Signature-Ed25519",
+                         "description": "Ed25519 over timestamp + body, with X-Signature-Timestamp"},
 }
 
 
@@ -5398,7 +5425,7 @@ def openapi_document(routes: list) -> dict:
         request, replies = API_DOCS[route.handler.__name__]
         params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
                   for p in re.findall(r"{(\w+)}", route.name)]
-        params += [{"name": q, "in": "query", "required": False, "schema": {"type": kind}}
+        params += [{"name": q, "in": "query", "required": False, "schema": kind if isinstance(kind, dict) else {"type": kind}}
                    for q, kind in API_QUERY.get(route.handler.__name__, {}).items()]
         responses = {}
         for status, schema in replies.items():
@@ -5409,14 +5436,24 @@ def openapi_document(routes: list) -> dict:
                 reply["content"] = {"application/json": {"schema": _S(schema)}}
             responses[status] = reply
         responses["default"] = {"description": "error", "content": {"application/json": {"schema": _S("Error")}}}
+        security = API_SECURITY[route.platform] if route.platform else API_SECURITY[route.access]
         op = {"operationId": route.handler.__name__, "summary": (route.handler.__doc__ or "").strip().splitlines()[0],
-              "security": API_SECURITY[route.access], "parameters": params, "responses": responses}
-        if request == "Payload":
-            content = {kind: {"schema": _S("Payload")} for kind in (
-                "application/json", "application/x-www-form-urlencoded", "multipart/form-data", "application/cloudevents+json")}
-            content["application/cloudevents-batch+json"] = {"schema": {"type": "array", "items": {"type": "object"}}}
-            content["text/plain"] = {"schema": {"type": "string"}}
+              "security": security, "parameters": params, "responses": responses}
+        if request == "Payload" and route.platform:  # a platform sends JSON (Slack: slash commands are a form)
+            content = {"application/json": {"schema": _S("Payload")}}
+            if route.platform == "slack":
+                content["application/x-www-form-urlencoded"] = {"schema": _S("Form")}
+            op["requestBody"] = {"required": True, "content": content}
+        elif request == "Payload":
+            content = {"application/json": {"schema": _S("Payload")},
+                       "application/x-www-form-urlencoded": {"schema": _S("Form")},
+                       "multipart/form-data": {"schema": _S("Multipart")},
+                       "application/cloudevents+json": {"schema": _S("CloudEvent")},
+                       "application/cloudevents-batch+json": {"schema": {"type": "array", "items": _S("CloudEvent")}},
+                       "text/plain": {"schema": {"type": "string"}}}
             op["requestBody"] = {"required": False, "content": content}
+        elif request == "Form":
+            op["requestBody"] = {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": _S("Form")}}}
         elif request:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _S(request)}}}
         paths.setdefault(route.name, {})[route.method.lower()] = op
@@ -5425,10 +5462,18 @@ def openapi_document(routes: list) -> dict:
 
 
 def _limit(req: Request) -> int:
+    """?limit=: how many deliveries, from 1 to 1000 (50 by default)."""
     limit = req.query.get("limit", "50")
-    if not limit.isdigit():
-        raise BadRequest("'limit' must be a number")
+    if not re.fullmatch(r"[0-9]{1,4}", limit) or not 1 <= int(limit) <= 1000:  # isdigit() would take "²"
+        raise BadRequest(f"'limit' must be a whole number from 1 to 1000, not {limit[:20]!r}")
     return int(limit)
+
+
+def _status_filter(req: Request) -> str | None:
+    status = req.query.get("status") or None
+    if status and status not in DELIVERY_STATUSES:
+        raise BadRequest(f"'status' must be one of {', '.join(DELIVERY_STATUSES)}, not {status[:20]!r}")
+    return status
 
 
 def _duplicate_reply(earlier: Any) -> Response:
@@ -5964,16 +6009,14 @@ class App:
         name = req.params["name"]
         if name != "generic" and name not in RESERVED_NAMES:
             self._webhook(req, name)
-        return Response.json(200, {"deliveries": self.deliveries.list(name, req.query.get("status"), _limit(req))})
+        return Response.json(200, {"deliveries": self.deliveries.list(name, _status_filter(req), _limit(req))})
 
     # --- deliveries ---
 
     def list_deliveries(self, req: Request) -> Response:
         """Recent deliveries, newest first: ?webhook=, ?status=, ?limit= (50; at most 1000)."""
-        webhook, status = req.query.get("webhook") or None, req.query.get("status") or None
-        if status and status not in FINISHED + ("queued", "running"):
-            raise BadRequest(f"'status' must be one of {', '.join(FINISHED + ('queued', 'running'))}")
-        return Response.json(200, {"deliveries": self.deliveries.list(webhook, status, _limit(req))})
+        webhook = req.query.get("webhook") or None
+        return Response.json(200, {"deliveries": self.deliveries.list(webhook, _status_filter(req), _limit(req))})
 
     def stats(self, req: Request) -> Response:
         """Each webhook's deliveries of the last 24 hours: how many, how many failed, the last one; the queue."""
@@ -6031,11 +6074,13 @@ class App:
         if row is None:
             raise NotFound(f"unknown delivery '{req.params['id']}'")
         wait = req.query.get("wait")
-        if wait:
+        if wait is not None:
             try:
-                seconds = min(30.0, max(0.0, float(wait)))
+                seconds = float(wait)
             except ValueError:
-                raise BadRequest("'wait' must be a number of seconds (max 30)") from None
+                seconds = -1.0
+            if not 0 <= seconds <= 30:  # NaN included
+                raise BadRequest(f"'wait' must be a number of seconds from 0 to 30, not {wait[:20]!r}")
             row = self.deliveries.wait(row["id"], seconds)
         return Response.json(200, public_delivery(row))
 

@@ -5909,6 +5909,86 @@ def test_every_route_has_its_openapi_entry(gw):
     assert not any(path.startswith("/ui") for path in gw.request("GET", "/api/openapi.json")[2]["paths"])
 
 
+# about 10 s of schemathesis; a longer hunt: MOXXY_TEST_SCHEMATHESIS_EXAMPLES=100 MOXXY_TEST_SCHEMATHESIS_SEED=7
+SCHEMATHESIS_SEED = int(os.environ.get("MOXXY_TEST_SCHEMATHESIS_SEED", "1"))
+SCHEMATHESIS_EXAMPLES = int(os.environ.get("MOXXY_TEST_SCHEMATHESIS_EXAMPLES", "5"))
+
+
+def test_schemathesis_finds_nothing(tmp_path):
+    """schemathesis, every check, a fixed seed, against a real gateway whose every route has
+    something behind it; schemathesis.toml (beside the module) says what is tuned and why."""
+    import importlib.util
+
+    if importlib.util.find_spec("schemathesis") is None:
+        if os.environ.get("MOXXY_TEST_SCHEMATHESIS") == "required":
+            pytest.fail("schemathesis is required here (MOXXY_TEST_SCHEMATHESIS=required) but is not installed")
+        pytest.skip("schemathesis not installed (pip install schemathesis)")
+    data, log = str(tmp_path / "data"), tmp_path / "gateway.log"
+
+    def cli(*args):
+        done = cli_at(data, *args)
+        assert done.exit_code == 0, (args, done.output)
+
+    # The credentials and names schemathesis.toml hands to schemathesis.
+    for key, value in (("admin_token", "st-admin-token"), ("webhook_secret", "st-webhook-secret"),
+                       ("telegram_secret_token", "st-telegram"), ("slack_signing_secret", "st-slack"),
+                       ("discord_public_key", "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c")):
+        cli("vault", "set", key, value)
+    cli("agent", "add", "flaky", "--command", shlex.join([PY, "-c", "raise SystemExit(1)"]))
+    cli("create", "github", "--agent", "default", "--secret", "st-webhook-secret")  # receive and trigger go here
+    cli("create", "open", "--agent", "default", "--auth", "none")
+    cli("create", "flaky", "--agent", "flaky", "--secret", "st-webhook-secret", "--mode", "async")
+    with open(log, "w") as err:  # a file, not a pipe: a full pipe would stall the gateway mid-run
+        proc = subprocess.Popen([PY, MODULE, "--data-dir", data, "serve", "--port", "0", "--rate-limit", "off",
+                                 "--log-level", "warning", "--max-attempts", "1"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 30
+        while not (m := re.search(r"listening on http://127\.0\.0\.1:(\d+)", log.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        port = int(m.group(1))
+
+        def call(method, path, headers, body=None):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            try:
+                conn.request(method, path, body, headers)
+                reply = conn.getresponse()
+                return reply.status, json.loads(reply.read())
+            finally:
+                conn.close()
+
+        # A failed delivery, so that POST /api/deliveries/{id}/retry has one to replay; then the agent
+        # answers, so that nothing schemathesis sends ends in an agent failure (a 502 by design).
+        status, queued = call("POST", "/api/webhooks/flaky", {"X-Webhook-Secret": "st-webhook-secret",
+                                                              "Content-Type": "application/json"}, b'{"n": 1}')
+        assert status == 202, queued
+        status, row = call("GET", f"/api/deliveries/{queued['delivery_id']}?wait=20",
+                           {"Authorization": "Bearer st-admin-token"})
+        assert status == 200 and row["status"] == "failed", row
+        cli("agent", "add", "flaky", "--echo", "--replace")
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEMATHESIS_")}
+        env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"  # loopback only, never through a proxy
+        started = time.monotonic()
+        run = subprocess.run(
+            [PY, "-m", "schemathesis.cli", "--config-file", os.path.join(os.path.dirname(MODULE), "schemathesis.toml"),
+             "run", f"http://127.0.0.1:{port}/api/openapi.json", "--checks", "all",
+             "--seed", str(SCHEMATHESIS_SEED), "--max-examples", str(SCHEMATHESIS_EXAMPLES),
+             "--workers", "1", "--generation-database", "none", "--no-color", "--output-sanitize", "false"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # cwd: a fresh .schemathesis cache
+        took, code = time.monotonic() - started, run.returncode
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    assert code == 0, (f"schemathesis exited {code} after {took:.1f} s (seed {SCHEMATHESIS_SEED}):\n"
+                                 f"{run.stdout}\n{run.stderr}\n--- gateway log ---\n{log.read_text()[-20000:]}")
+
+
 def test_metrics_count_outcomes_and_pass_promtool(gw):
     create(gw, {"name": "gh", "secret": "s", "filters": {"include": ["push"]}})
     post(gw, "gh", b"{}", {"X-Hub-Signature-256": "sha256=" + "0" * 64})  # a wrong signature
