@@ -372,6 +372,9 @@ class JsonFile(ConfigStore):
         self.path = path
         self.default = default
         self.compile = compile
+        self.check_interval = 0.0  # seconds between stat()s of the file (0: at every current())
+        self.on_write: Callable[[], None] | None = None  # after each write (the CLI tells the server)
+        self._checked = 0.0
         self._key: tuple | None = ("unloaded",)
         self._value: Any = None
         self._failed_key: tuple | None = None
@@ -403,7 +406,13 @@ class JsonFile(ConfigStore):
             raise DataFileError(self.path, e.message) from None
 
     def current(self, strict: bool = False) -> Any:
-        """Return the compiled document, reloading it if the file changed (one stat per call)."""
+        """Return the compiled document, reloading it if the file changed: one stat per call, or per
+        ``check_interval`` seconds (a write through this object, or SIGHUP, is seen at once)."""
+        if self.check_interval:
+            now = time.monotonic()
+            if now - self._checked < self.check_interval and self._key not in (("unloaded",), ("stale",)):
+                return self._value
+            self._checked = now
         key = self._stat_key()
         if key == self._key:
             return self._value
@@ -449,6 +458,9 @@ class JsonFile(ConfigStore):
                 raise Unavailable(f"{os.path.basename(self.path)} could not be written ({e.strerror}); "
                                   "nothing was changed: free space or fix the data directory and retry",
                                   headers={"Retry-After": "5"}) from None
+        self.force_reload()  # this process sees its own write at once, whatever check_interval says
+        if self.on_write:
+            self.on_write()
         return result
 
 
@@ -937,18 +949,13 @@ AUTH_CHECKS: dict[str, Callable[[str, dict, bytes, float], bool]] = {
         s, h.get(":public-url"), b, h.get("x-twilio-signature"),
         h.get("content-type", "").startswith("application/x-www-form-urlencoded")),
 }
-SECRET_HEADERS = frozenset({"authorization", "cookie", "x-webhook-secret", "x-gitlab-token", "x-hub-signature",
-                            "x-hub-signature-256", "webhook-signature", "svix-signature", "x-slack-signature",
-                            "x-signature-ed25519", "x-telegram-bot-api-secret-token", "proxy-authorization",
-                            "x-twilio-signature",
-                            *(h for preset in SIGNATURE_PRESETS.values() for h in preset.headers)})
 
 
 SCHEME_HEADERS = {"header": ("x-webhook-secret",), "github": ("x-hub-signature-256", "x-hub-signature"),
                   "standard": ("webhook-signature", "svix-signature"), "gitlab": ("x-gitlab-token",),
                   "twilio": ("x-twilio-signature",), **{n: p.headers for n, p in SIGNATURE_PRESETS.items()}}
-# headers that carry a secret, a token or a signature: never kept with a request
-CREDENTIAL_HEADERS = frozenset(name for names in SCHEME_HEADERS.values() for name in names) | {
+# headers that carry a secret, a token or a signature: never shown to templates, never kept with a request
+SECRET_HEADERS = frozenset(name for names in SCHEME_HEADERS.values() for name in names) | {
     "authorization", "proxy-authorization", "cookie", "x-api-key", "x-auth-token", "x-slack-signature",
     "x-telegram-bot-api-secret-token", "x-signature-ed25519"}
 
@@ -3762,6 +3769,7 @@ class Options:
     tls_key: str | None = None
     lease: float = 60.0  # PostgreSQL: how long a claimed job is held without a heartbeat
     keep_requests: bool = False  # keep every named webhook's requests (else only where "keep_requests": true)
+    reload_interval: float = 0.5  # seconds between checks of the data files (the CLI signals its writes at once)
     ui: bool = True  # the operator's page at /ui
 
 
@@ -5250,7 +5258,7 @@ KEPT_BODY_MAX = 256 * 1024  # bytes of a kept request's body; a longer one is cu
 def kept_request(req: Request, wh: Webhook) -> dict:
     """What is kept of a request for inspection and replay: every header but those carrying a
     credential (and the webhook's own signature header), the body up to KEPT_BODY_MAX, the client."""
-    dropped = CREDENTIAL_HEADERS | set(wh.signature.headers if wh.signature else ())
+    dropped = SECRET_HEADERS | set(wh.signature.headers if wh.signature else ())
     body = req.body[:KEPT_BODY_MAX]
     try:
         text = {"body": body.decode("utf-8")}
@@ -5491,6 +5499,9 @@ class App:
         self.backend = backend or open_backend(paths)
         self.store = self.backend.config
         self.vault = self.backend.vault
+        for data_file in (self.store, self.vault.file):
+            if isinstance(data_file, JsonFile):
+                data_file.check_interval = self.options.reload_interval
         self.metrics = Metrics()
         self.engine = DeliveryEngine(self.backend.open_deliveries, self.store.current, self.options, self.metrics,
                                      self._failure_targets)
@@ -6171,9 +6182,11 @@ class BatchingLogHandler(logging.Handler):
     threads, on every request's path: about 40% of the echo agent's throughput.
     """
 
-    def __init__(self, stream, interval: float = 0.05):
+    def __init__(self, stream, interval: float = 0.05, json_lines: bool = False):
         super().__init__()
         self.stream = stream
+        self.json_lines = json_lines  # the format of access(): JSON objects, else "time INFO k=v ..."
+        self._second = (0, "")  # the time text of the last second formatted
         self._lines: list[str] = []
         self._buffer_lock = threading.Lock()
         self._write_lock = threading.Lock()
@@ -6201,6 +6214,21 @@ class BatchingLogHandler(logging.Handler):
         if record.levelno >= logging.WARNING:
             self.flush()
 
+    def access(self, fields: dict) -> None:
+        """One access log line, formatted here: no LogRecord, no Formatter, no handler lock."""
+        now = time.time()
+        second = int(now)
+        if self._second[0] != second:
+            self._second = (second, utcnow_iso(second) if self.json_lines else
+                            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
+        if self.json_lines:
+            line = json.dumps({"time": self._second[1], "level": "info", **fields}, ensure_ascii=False) + "\n"
+        else:
+            line = (f"{self._second[1]},{int(now * 1000) % 1000:03d} INFO "
+                    + " ".join(f"{k}={v}" for k, v in fields.items()) + "\n")
+        with self._buffer_lock:
+            self._lines.append(line)
+
     def flush(self) -> None:
         with self._write_lock:  # swap and write under one lock: lines never change order
             with self._buffer_lock:
@@ -6221,6 +6249,7 @@ class BatchingLogHandler(logging.Handler):
 
 
 access_log = logging.getLogger("moxxy_webhooks.access")
+access_log.fast = None  # the BatchingLogHandler that takes access lines directly (set by serve)
 STATUS_PHRASES = {s.value: s.phrase for s in http.HTTPStatus}
 _date_cache = [0, ""]
 
@@ -6477,6 +6506,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 fields["body"] = redacted_body(req.body)[:4096]
             else:
                 fields["body"] = req.body[:4096].decode("utf-8", "replace")
+        if access_log.fast is not None:  # serve's own handler: the line, formatted once, into its batch
+            access_log.fast.access(fields)
+            return
         # makeRecord + handle: Logger.info would also walk the stack to find the caller, for nothing
         record = access_log.makeRecord(access_log.name, logging.INFO, __file__, 0,
                                        " ".join(f"{k}={v}" for k, v in fields.items()), (), None,
@@ -6628,6 +6660,17 @@ class CliState:
         self.backend = open_backend(self.paths, database_url)
         self.store = self.backend.config
         self.vault = self.backend.vault
+        for data_file in (self.store, self.vault.file):
+            if isinstance(data_file, JsonFile):
+                data_file.on_write = self.tell_server
+
+    def tell_server(self) -> None:
+        """After a write to the data directory: SIGHUP to the server running on it, so that it
+        reads the change now rather than at its next check (serve --reload-interval)."""
+        running = running_server(self.paths)
+        if running and running.get("pid") != os.getpid():
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                os.kill(int(running["pid"]), signal.SIGHUP)
 
     def config(self) -> Config:
         return self.store.current(strict=True)
@@ -6691,8 +6734,9 @@ def _configure_logging(level: str, fmt: str, log_file: str | None) -> None:
             os.fchmod(stream.fileno(), 0o600)
         except OSError as e:
             raise click.ClickException(f"cannot open the log file {log_file}: {e.strerror}") from None
-    handler = BatchingLogHandler(stream)
+    handler = BatchingLogHandler(stream, json_lines=fmt == "json")
     handler.setFormatter(JsonLogFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    access_log.fast = handler
     # none of our formats shows thread or process: skip collecting them for every record
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger("moxxy_webhooks")
@@ -6734,6 +6778,9 @@ def _configure_logging(level: str, fmt: str, log_file: str | None) -> None:
 @click.option("--keep-requests", is_flag=True,
               help="Keep every named webhook's requests (credentials removed) for inspection and replay.")
 @click.option("--no-ui", is_flag=True, help="Turn off the operator's page at /ui.")
+@click.option("--reload-interval", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="Seconds between checks of the data files for changes made by hand (0: at every request); "
+                   "the CLI's own changes are signalled at once.")
 @pass_state
 def serve(state: CliState, **kw) -> None:
     """Run the gateway."""
@@ -6758,7 +6805,8 @@ def serve(state: CliState, **kw) -> None:
                       trusted_proxies=proxies,
                       allow_api_exec=kw["allow_api_exec"], log_bodies=kw["log_bodies"],
                       metrics_admin=kw["metrics_admin"], tls_cert=kw["tls_cert"], tls_key=kw["tls_key"],
-                      lease=kw["lease"], keep_requests=kw["keep_requests"], ui=not kw["no_ui"])
+                      lease=kw["lease"], keep_requests=kw["keep_requests"], ui=not kw["no_ui"],
+                      reload_interval=kw["reload_interval"])
     running = None if state.database_url else running_server(state.paths)
     if running and running["pid"] != os.getpid():
         raise click.ClickException(f"a server (pid {running['pid']}) is already running on {state.paths.root} at "
@@ -6797,22 +6845,22 @@ def serve(state: CliState, **kw) -> None:
         if fs:
             log.warning("the data directory %s is on a network filesystem (%s): SQLite's locking and WAL do not "
                         "work there; use a local disk, or PostgreSQL (--database-url) for several boxes", state.paths.root, fs)
-    with contextlib.suppress(OSError):
-        atomic_write(state.paths.server, json.dumps({"url": server.url, "pid": os.getpid(), "version": __version__,
-                                                     "started_at": clock()}).encode())
-    click.echo(f"moxxy-webhooks {__version__} listening on {server.url} (data: {state.backend.where})", err=True)
 
     def on_signal(signum, frame):
-        if signum == signal.SIGHUP:
+        if signum == signal.SIGHUP:  # sent by the CLI after each change it writes
             app.reload()
-            log.info("SIGHUP: reloading the data directory")
+            log.debug("SIGHUP: reloading the data directory")
             return
         log.info("%s: stopping (grace %gs)", signal.Signals(signum).name, options.grace)
         # shutdown() blocks until serve_forever returns: never call it from the signal handler itself
         threading.Thread(target=server.stop, args=(options.grace,), daemon=True).start()
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # before server.json names this process
         signal.signal(sig, on_signal)
+    with contextlib.suppress(OSError):
+        atomic_write(state.paths.server, json.dumps({"url": server.url, "pid": os.getpid(), "version": __version__,
+                                                     "started_at": clock()}).encode())
+    click.echo(f"moxxy-webhooks {__version__} listening on {server.url} (data: {state.backend.where})", err=True)
     try:
         server.serve_forever(poll_interval=0.5)
     finally:

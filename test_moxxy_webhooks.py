@@ -121,6 +121,8 @@ class Gateway:
         options.setdefault("retry_base", 0.01)
         options.setdefault("grace", 2.0)
         options.setdefault("inline_window", 1.0)
+        # the tests change files through the CLI in this process, which has no server.json to signal
+        options.setdefault("reload_interval", 0.0)
         self.paths = mw.Paths(str(data_dir))
         backend = mw.open_backend(self.paths, database_url) if database_url else None
         self.app = mw.App(self.paths, mw.Options(**options), backend)
@@ -599,6 +601,18 @@ def test_webhook_secret_reference_resolves_when_used_and_fails_closed(gw, monkey
     monkeypatch.delenv("MOXXY_TEST_HOOK_SECRET")
     status, _, body = post("the-real-one")
     assert status == 503 and "does not resolve" in body["error"] and "refd" in body["error"]
+
+def test_a_data_file_is_checked_once_per_interval_and_a_write_through_it_is_seen_at_once(tmp_path):
+    paths = mw.Paths(str(tmp_path))
+    served = mw.open_backend(paths).config
+    served.check_interval = 3600  # as a server: no stat() of the file on each call
+    by_hand = mw.open_backend(paths).config  # another process, with no way to signal
+    mw.save_webhook(served, "first", {"secret": "s"}, create=True)
+    assert set(served.current().webhooks) == {"first"}  # its own write: at once
+    mw.save_webhook(by_hand, "second", {"secret": "s"}, create=True)
+    assert set(served.current().webhooks) == {"first"}  # not looked at before the interval ends...
+    served.force_reload()  # ... or a SIGHUP
+    assert set(served.current().webhooks) == {"first", "second"}
 
 
 # === Security ===
@@ -2317,8 +2331,9 @@ def test_import_copies_a_data_directory_into_the_database(pg_url, runner, gatewa
 class ServeProcess:
     """``moxxy-webhooks serve`` as a real process on a database."""
 
-    def __init__(self, url: str, data: str, *args):
-        self.proc = subprocess.Popen([PY, MODULE, "--data-dir", data, "--database-url", url, "serve", "--port", "0",
+    def __init__(self, url: str | None, data: str, *args):  # url None: on the data directory alone
+        database = ["--database-url", url] if url else []
+        self.proc = subprocess.Popen([PY, MODULE, "--data-dir", data, *database, "serve", "--port", "0",
                                       "--rate-limit", "off", "--log-level", "warning", *args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.url = None
@@ -2343,6 +2358,8 @@ class ServeProcess:
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(20)
+
+
 
 
 @pytest.fixture
@@ -6103,6 +6120,29 @@ def json_access_log():
         handler.close()
 
 
+def test_access_lines_written_directly_read_as_the_formatters_would_write_them():
+    fields = {"request_id": "r1", "client": "127.0.0.1", "method": "POST", "path": "/api/webhooks/x", "status": 200,
+              "outcome": "ok", "duration_ms": 1.5, "webhook": "x"}
+    for json_lines, formatter in ((True, mw.JsonLogFormatter()),
+                                  (False, logging.Formatter("%(asctime)s %(levelname)s %(message)s"))):
+        direct, through = io.StringIO(), io.StringIO()
+        fast = mw.BatchingLogHandler(direct, interval=60, json_lines=json_lines)
+        slow = mw.BatchingLogHandler(through, interval=60)
+        slow.setFormatter(formatter)
+        fast.access(fields)  # what serve does
+        slow.handle(mw.access_log.makeRecord(mw.access_log.name, logging.INFO, __file__, 0,
+                                             " ".join(f"{k}={v}" for k, v in fields.items()), (), None,
+                                             extra={"fields": fields}))
+        for h in (fast, slow):
+            h.close()
+        a, b = direct.getvalue(), through.getvalue()
+        if json_lines:
+            a, b = json.loads(a), json.loads(b)
+            assert a.pop("time")[:13] == b.pop("time")[:13] and a == b
+        else:  # "2026-12-02 15:41:29,331 INFO request_id=r1 ..."
+            assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", a[:24]) and a[24:] == b[24:]
+
+
 def test_json_access_log_has_the_fields_and_no_secret(gateway):
     with json_access_log() as stream:
         g = gateway()
@@ -6307,11 +6347,12 @@ def read_bytes(path: str) -> bytes:
 def restore_logging():
     """``serve`` configures the package logger on the runner's stderr: put it back afterwards."""
     logger = logging.getLogger("moxxy_webhooks")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
+    saved = (logger.handlers[:], logger.level, logger.propagate, mw.access_log.fast)
     yield
     logger.handlers[:] = saved[0]
     logger.setLevel(saved[1])
     logger.propagate = saved[2]
+    mw.access_log.fast = saved[3]
 
 
 # --- create ---
@@ -7460,6 +7501,22 @@ def test_help(runner, args, expected):
     assert result.stdout.startswith("Usage: ")
     for word in expected:
         assert word in result.stdout, word
+
+def test_the_cli_tells_the_running_server_of_each_change_at_once(tmp_path):
+    data = str(tmp_path / "box")
+    server = ServeProcess(None, data, "--reload-interval", "3600")  # it would not look for an hour
+    try:
+        created = cli_at(data, "create", "now", "--secret", "s")
+        assert created.exit_code == 0, created.output
+        assert server.request("POST", "/api/webhooks/now", {"message": "hi"}, {"X-Webhook-Secret": "s"})[0] == 200
+        assert cli_at(data, "disable", "now").exit_code == 0
+        assert server.request("POST", "/api/webhooks/now", {"message": "hi"},
+                              {"X-Webhook-Secret": "s"})[1]["reason"] == "disabled"
+        assert cli_at(data, "vault", "set", "webhook_secret", "fresh").exit_code == 0
+        assert server.request("POST", "/api/webhooks/generic", {"message": "hi"}, {"X-Webhook-Secret": "fresh"})[0] == 200
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
 
 
 # === README recipes ===

@@ -3,6 +3,7 @@
 # (default 5s, 5 rounds). Each comparison runs the old and the new build alternately, ROUNDS
 # times, and prints medians and new/old: on a shared box one run can be off by 20%, so only a
 # difference that holds in every round means something. Use it before and after a hot-path change.
+# LOG_LEVEL=info turns the access log on (to a file), as a production gateway would run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OLD=$1; D=${2:-5s}; ROUNDS=${3:-5}
@@ -17,8 +18,8 @@ start() { # module port
   local data="$tmp/data-$2"
   $PY "$1" --data-dir "$data" vault set webhook_secret bench-secret >/dev/null
   $PY "$1" --data-dir "$data" agent add echo-cmd --command '/bin/echo {message}' --generic >/dev/null
-  $PY "$1" --data-dir "$data" serve --port "$2" --rate-limit off --log-level warning --queue-size 100000 \
-    --workers 4 2>>"$tmp/serve.log" & pids+=($!)
+  $PY "$1" --data-dir "$data" serve --port "$2" --rate-limit off --log-level "${LOG_LEVEL:-warning}" \
+    --log-file "$tmp/log-$2" --queue-size 100000 --workers 4 2>>"$tmp/serve.log" & pids+=($!)
 }
 start "$OLD" 18911; start moxxy_webhooks.py 18912
 wait_port 18911; wait_port 18912
