@@ -5785,6 +5785,26 @@ def test_page_creates_a_webhook_with_errors_shown_at_the_field(page, gw):
     assert "from-page" in page.text_of("#webhooks", "from-page")
 
 
+def test_page_works_the_same_on_postgresql(browser, gateway, pg_url):
+    gw = gateway(database_url=pg_url)
+    browser.get_log("browser")
+    page = Page(browser, gw)
+    try:
+        create(gw, {"name": "pg-hook", "secret": SECRET, "keep_requests": True})
+        first = post_json(gw, "pg-hook", {"message": "from postgres"})[2]
+        page.sign_in(gw.admin["Authorization"].split()[1])
+        assert "pg-hook" in page.text_of("#webhooks", "pg-hook")
+        page.driver.get(page.url + f"#/delivery/{first['delivery_id']}")
+        assert page.text_of("#delivery-response", "from postgres") == "from postgres"
+        page.find("#replay").click()
+        page.find("#new-delivery").click()
+        assert page.text_of("#replay-of", first["delivery_id"]) == first["delivery_id"]
+        assert not page.errors()
+    finally:
+        browser.execute_script("sessionStorage.clear()")
+        browser.get("about:blank")
+
+
 # === HTTP server ===
 
 
