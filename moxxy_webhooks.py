@@ -6289,6 +6289,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     deadline = math.inf
     busy = False
+    idle_since = math.inf  # when this keep-alive connection last began waiting for a request
 
     def setup(self) -> None:
         # Sockets stay blocking: every timeout is a deadline the server's watchdog enforces
@@ -6309,7 +6310,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         options = self.server.options
-        self.deadline = time.monotonic() + options.idle_timeout  # an idle keep-alive connection
+        self.idle_since = time.monotonic()
+        self.deadline = self.idle_since + options.idle_timeout  # an idle keep-alive connection
         try:
             line = self.rfile.readline(65537)
         except (TimeoutError, OSError):
@@ -6320,7 +6322,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         # the rest of the request (headers, body) must arrive within the deadline, however slowly it trickles
         self.deadline = time.monotonic() + options.request_timeout
-        self.busy = True
+        self.busy, self.idle_since = True, math.inf
         try:
             if self._parse(line):
                 self._serve()
@@ -6561,8 +6563,8 @@ class Server(http.server.ThreadingHTTPServer):
         return sock, addr
 
     def process_request(self, request, client_address) -> None:
-        if not self._slots.acquire(blocking=False):
-            # over the connection cap: refuse at once rather than queue without bound
+        if not self._slots.acquire(blocking=False) and not (self._close_oldest_idle() and self._slots.acquire(timeout=1.0)):
+            # over the connection cap with every connection busy: refuse at once rather than queue without bound
             self._refuse(request)
             return
         if not self._client_slot(client_address[0], True):
@@ -6600,6 +6602,19 @@ class Server(http.server.ThreadingHTTPServer):
                 self._per_client[address] = held
             else:
                 self._per_client.pop(address, None)
+        return True
+
+    def _close_oldest_idle(self) -> bool:
+        """At the cap, make room: close the keep-alive connection that has waited longest for its next
+        request (its client reconnects when it has one); False when every connection is busy."""
+        with self._handlers_lock:
+            idle = [h for h in self._handlers if not h.busy and h.idle_since < math.inf]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda h: h.idle_since)
+        oldest.idle_since = math.inf  # once
+        with contextlib.suppress(OSError):
+            oldest.connection.shutdown(socket.SHUT_RDWR)
         return True
 
     def _refuse(self, request) -> None:

@@ -6224,16 +6224,35 @@ def test_batching_log_handler_writes_warnings_at_once_and_keeps_order():
         handler.close()
 
 
-def test_connection_cap_refuses_extra_connections_with_503(gateway):
-    g = gateway(max_connections=1)
-    first = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
-    first.request("GET", "/healthz")
-    assert first.getresponse().read() and True  # the keep-alive connection now holds the only slot
-    with socket.create_connection(("127.0.0.1", g.port), timeout=10) as extra:
-        extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        answer = extra.recv(4096)
+def test_connection_cap_refuses_extra_connections_with_503_when_every_one_is_busy(gateway):
+    g = gateway(max_connections=1, request_timeout=30)
+    with socket.create_connection(("127.0.0.1", g.port), timeout=10) as busy:
+        busy.sendall(b"POST /api/webhooks/generic HTTP/1.1\r\nHost: x\r\n")  # a request on its way: busy
+        assert eventually(lambda: g.server.active() == 1)
+        with socket.create_connection(("127.0.0.1", g.port), timeout=10) as extra:
+            extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = extra.recv(4096)
     assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in answer
-    first.close()
+
+
+def test_at_the_cap_the_oldest_idle_keep_alive_connection_makes_room(gateway):
+    g = gateway(max_connections=2, idle_timeout=30)
+    held = []
+    for _ in range(2):  # two idle keep-alive connections hold both slots, the first one longest
+        sock = socket.create_connection(("127.0.0.1", g.port), timeout=10)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        held.append(sock)
+    try:
+        with socket.create_connection(("127.0.0.1", g.port), timeout=10) as newcomer:
+            newcomer.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert newcomer.recv(4096).startswith(b"HTTP/1.1 200")  # served, not refused
+        assert held[0].recv(4096) == b""  # the oldest idle one was closed for it
+        held[1].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert held[1].recv(4096).startswith(b"HTTP/1.1 200")  # the younger one still works
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_one_client_cannot_take_every_connection(gateway):
