@@ -2852,9 +2852,11 @@ class DeliveryLog(DeliveryStore):
                 del self._recent[k]
 
     def insert(self, wait: bool = False, **fields) -> dict:
-        row = delivery_row(**fields)
+        return self._insert(delivery_row(**fields), wait)
+
+    def _insert(self, row: dict, wait: bool) -> dict:
         if not wait and self._thread is not None:
-            self._unwritten[row["id"]] = row
+            self._unwritten[row["id"]] = row  # readable at once, before its commit
         self.write(INSERT_DELIVERY, row, wait=wait)
         return row
 
@@ -2880,7 +2882,7 @@ class DeliveryLog(DeliveryStore):
         return None
 
     def record(self, row: dict) -> None:
-        self.insert(**row)
+        self._insert(row, False)  # a full row already (delivery_row): not built a second time
 
     def recover(self) -> int:
         rows = self.query("SELECT id, next_attempt_at FROM deliveries WHERE status IN ('queued', 'running')")

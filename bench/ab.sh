@@ -3,7 +3,8 @@
 # (default 5s, 5 rounds). Each comparison runs the old and the new build alternately, ROUNDS
 # times, and prints medians and new/old: on a shared box one run can be off by 20%, so only a
 # difference that holds in every round means something. Use it before and after a hot-path change.
-# LOG_LEVEL=info turns the access log on (to a file), as a production gateway would run.
+# LOG_LEVEL=info turns the access log on (to a file), as a production gateway would run;
+# OLD_LOG_LEVEL=warning LOG_LEVEL=info bench/ab.sh SAME.py prices the access log alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OLD=$1; D=${2:-5s}; ROUNDS=${3:-5}
@@ -14,14 +15,14 @@ for port in 18911 18912; do
   if (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null; then echo "port $port is already in use"; exit 1; fi
 done
 wait_port() { for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.05; done; echo "port $1 not up"; exit 1; }
-start() { # module port
+start() { # module port log-level
   local data="$tmp/data-$2"
   $PY "$1" --data-dir "$data" vault set webhook_secret bench-secret >/dev/null
   $PY "$1" --data-dir "$data" agent add echo-cmd --command '/bin/echo {message}' --generic >/dev/null
-  $PY "$1" --data-dir "$data" serve --port "$2" --rate-limit off --log-level "${LOG_LEVEL:-warning}" \
+  $PY "$1" --data-dir "$data" serve --port "$2" --rate-limit off --log-level "$3" \
     --log-file "$tmp/log-$2" --queue-size 100000 --workers 4 2>>"$tmp/serve.log" & pids+=($!)
 }
-start "$OLD" 18911; start moxxy_webhooks.py 18912
+start "$OLD" 18911 "${OLD_LOG_LEVEL:-${LOG_LEVEL:-warning}}"; start moxxy_webhooks.py 18912 "${LOG_LEVEL:-warning}"
 wait_port 18911; wait_port 18912
 one() { # url threads connections -> rps
   wrk -t"$2" -c"$3" -d"$D" -s bench/post.lua "$1" | awk '/Requests\/sec/ {rps=$2} /Non-2xx/ {bad=$5} END {if (bad) print "ERR"; else print rps}'
