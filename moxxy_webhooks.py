@@ -6280,6 +6280,9 @@ def redacted_body(body: bytes) -> str:
         return "(not JSON: not logged)"
 
 
+HEALTH_LINES = (b"GET /healthz ", b"GET /readyz ", b"HEAD /healthz ", b"HEAD /readyz ")
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """Translate between the socket and ``App``: parse, admit before reading the body, one send per reply."""
 
@@ -6543,6 +6546,7 @@ class Server(http.server.ThreadingHTTPServer):
         self._handlers_lock = threading.Lock()
         self._per_client: dict = {}  # client address -> open connections
         self._slots = threading.BoundedSemaphore(self.options.max_connections)
+        self._overflow = threading.BoundedSemaphore(8)  # connections over a cap read for a health check
         super().__init__((host, port), Handler)
         self._watchdog = threading.Thread(target=self._watch, name="request-deadlines", daemon=True)
         self._watchdog.start()
@@ -6558,21 +6562,40 @@ class Server(http.server.ThreadingHTTPServer):
         host = f"[{host}]" if ":" in host else host
         return f"{'https' if self.ssl_context else 'http'}://{host}:{port}"
 
+    def server_activate(self) -> None:
+        super().server_activate()
+        self.socket.setblocking(False)  # the loop accepts until the backlog is empty (_handle_request_noblock)
+
+    def _handle_request_noblock(self) -> None:
+        """Accept every connection waiting, not one per wake-up of the loop: a burst of clients,
+        or a health check behind one, does not wait in the backlog for more turns of the loop."""
+        for _ in range(1024):  # bounded, so that a flood cannot keep the loop from seeing shutdown()
+            try:
+                request, client_address = self.get_request()
+            except OSError:  # BlockingIOError: the backlog is empty
+                return
+            try:
+                self.process_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
+
     def get_request(self):
         sock, addr = self.socket.accept()
+        sock.setblocking(True)  # the connection's thread does blocking I/O under the watchdog's deadlines
         if self.ssl_context:
             sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
 
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False) and not (self._close_oldest_idle() and self._slots.acquire(timeout=1.0)):
-            # over the connection cap with every connection busy: refuse at once rather than queue without bound
-            self._refuse(request)
+            # over the connection cap with every connection busy: refuse rather than queue without bound
+            self._over_cap(request, client_address)
             return
         if not self._client_slot(client_address[0], True):
             # one address holding many sockets (a slowloris, an idle flood) must not starve the others
             self._slots.release()
-            self._refuse(request)
+            self._over_cap(request, client_address)
             return
         try:
             super().process_request(request, client_address)
@@ -6618,6 +6641,41 @@ class Server(http.server.ThreadingHTTPServer):
         with contextlib.suppress(OSError):
             oldest.connection.shutdown(socket.SHUT_RDWR)
         return True
+
+    def _over_cap(self, request, client_address) -> None:
+        """A connection over a cap gets a 503, unless it is a load balancer's health check: that one
+        is answered (a few at a time, each given a second to send its request), so that a loaded
+        gateway is not taken out of service for being loaded."""
+        if isinstance(request, ssl.SSLSocket) or not self._overflow.acquire(blocking=False):
+            self._refuse(request)
+            return
+        threading.Thread(target=self._health_or_refuse, args=(request, client_address), daemon=True).start()
+
+    def _health_or_refuse(self, request, client_address) -> None:
+        try:
+            request.settimeout(1.0)
+            head = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in head and len(head) < 8192:
+                    chunk = request.recv(8192 - len(head))
+                    if not chunk:
+                        break
+                    head += chunk
+            line = head.split(b"\r\n", 1)[0]
+            if not (line.startswith(HEALTH_LINES) and b"\r\n\r\n" in head):
+                self._refuse(request)
+                return
+            method, path = line.decode("latin-1").split(" ")[:2]
+            handler = self.app.healthz if path == "/healthz" else self.app.readyz
+            resp = handler(Request(method, path, {}, client_address[0]))
+            body = b"" if method == "HEAD" else resp.body
+            with contextlib.suppress(OSError):
+                request.sendall(f"HTTP/1.1 {resp.status} {STATUS_PHRASES.get(resp.status, '')}\r\n"
+                                f"Content-Type: application/json\r\nContent-Length: {len(resp.body)}\r\n"
+                                "Connection: close\r\n\r\n".encode("latin-1") + body)
+            self.shutdown_request(request)
+        finally:
+            self._overflow.release()
 
     def _refuse(self, request) -> None:
         """A 503 and a close (in plain HTTP; a TLS client just sees the connection close)."""

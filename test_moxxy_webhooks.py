@@ -6229,9 +6229,27 @@ def test_connection_cap_refuses_extra_connections_with_503_when_every_one_is_bus
         busy.sendall(b"POST /api/webhooks/generic HTTP/1.1\r\nHost: x\r\n")  # a request on its way: busy
         assert eventually(lambda: g.server.active() == 1)
         with socket.create_connection(("127.0.0.1", g.port), timeout=10) as extra:
-            extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            extra.sendall(b"GET /api/webhooks HTTP/1.1\r\nHost: x\r\n\r\n")
             answer = extra.recv(4096)
     assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in answer
+
+
+def test_over_the_cap_a_health_check_is_still_answered(gateway):
+    g = gateway(max_connections=1, request_timeout=30)
+    with socket.create_connection(("127.0.0.1", g.port), timeout=10) as busy:
+        busy.sendall(b"POST /api/webhooks/generic HTTP/1.1\r\nHost: x\r\n")  # holds the only slot, busy
+        assert eventually(lambda: g.server.active() == 1)
+        for probe, expected in ((b"GET /healthz HTTP/1.1\r\nHost: lb\r\n\r\n", b"HTTP/1.1 200"),
+                                (b"GET /readyz HTTP/1.1\r\nHost: lb\r\n\r\n", b"HTTP/1.1 200"),
+                                (b"GET /api/webhooks HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 503")):
+            with socket.create_connection(("127.0.0.1", g.port), timeout=10) as extra:
+                extra.sendall(probe)
+                answer = b""
+                while chunk := extra.recv(4096):
+                    answer += chunk
+            assert answer.startswith(expected), (probe, answer)
+            if expected.endswith(b"200"):
+                assert b"Connection: close" in answer and json.loads(answer.split(b"\r\n\r\n", 1)[1])
 
 
 def test_at_the_cap_the_oldest_idle_keep_alive_connection_makes_room(gateway):
@@ -6264,7 +6282,7 @@ def test_one_client_cannot_take_every_connection(gateway):
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert sock.recv(4096).startswith(b"HTTP/1.1 200")
         with socket.create_connection(("127.0.0.1", g.port), timeout=10, source_address=("127.0.0.1", 0)) as third:
-            third.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            third.sendall(b"GET /api/webhooks HTTP/1.1\r\nHost: x\r\n\r\n")  # (a health check would be answered)
             assert third.recv(4096).startswith(b"HTTP/1.1 503")
         with socket.create_connection(("127.0.0.1", g.port), timeout=10, source_address=("127.0.0.2", 0)) as other:
             other.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -6,7 +6,8 @@ Starts the gateway (this checkout's module, and OLD_MODULE.py when given, altern
 with wrk (generic sync echo, keep-alive), and meanwhile opens a fresh connection every 20 ms for
 one GET /healthz, as a load balancer does. Prints the load's requests/s and the probes' latency
 (p50, p99, max) and failures. --max-connections is raised over the load so that no probe is refused
-for want of a slot: what is measured is the wait behind busy threads.
+for want of a slot: what is measured is the wait behind busy threads (--default-cap keeps the caps,
+which the load then overflows).
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+CAP = ["--max-connections", "2000", "--max-connections-per-client", "2000"]
+
+
 def start(module: str, data: str) -> tuple[subprocess.Popen, int]:
     subprocess.run([sys.executable, module, "--data-dir", data, "vault", "set", "webhook_secret", "bench-secret"],
                    check=True, capture_output=True)
     proc = subprocess.Popen([sys.executable, module, "--data-dir", data, "serve", "--port", "0", "--rate-limit", "off",
-                             "--log-level", "warning", "--max-connections", "2000",
-                             "--max-connections-per-client", "2000"], stderr=subprocess.PIPE, text=True)
+                             "--log-level", "warning", *CAP], stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
         if m:
@@ -85,7 +88,11 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=500)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--default-cap", action="store_true",
+                        help="keep the default connection caps (256, 64 per client): the load overflows them")
     args = parser.parse_args()
+    if args.default_cap:
+        CAP.clear()
     builds = [("new", os.path.join(ROOT, "moxxy_webhooks.py"))] + ([("old", args.old)] if args.old else [])
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; wrk -c{args.connections} {args.seconds}s "
           f"generic sync echo; /healthz probed every 20 ms on a fresh connection")
