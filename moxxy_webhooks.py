@@ -4241,6 +4241,16 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# one decoder for every body: json.loads(..., parse_constant=...) would build a new one per request
+_BODY_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def _parse_body_json(text: str) -> Any:
+    if text.startswith("\ufeff"):  # as json.loads says it
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    return _BODY_DECODER.decode(text)
+
+
 @dataclasses.dataclass
 class Request:
     """One HTTP request as the application sees it (no sockets)."""
@@ -4282,7 +4292,7 @@ class Request:
             form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
             body = form.get("payload", [""])[0].encode()
         try:
-            doc = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+            doc = _parse_body_json(body.decode("utf-8"))
             if _SURROGATE_ESCAPE.search(body):  # "\ud800" alone parses to a str that is not Unicode
                 json.dumps(doc, ensure_ascii=False).encode("utf-8")
             return doc
