@@ -3772,6 +3772,7 @@ class Options:
     lease: float = 60.0  # PostgreSQL: how long a claimed job is held without a heartbeat
     keep_requests: bool = False  # keep every named webhook's requests (else only where "keep_requests": true)
     reload_interval: float = 0.5  # seconds between checks of the data files (the CLI signals its writes at once)
+    processes: int = 1  # worker processes on one listening socket (serve --processes; PostgreSQL only for now)
     ui: bool = True  # the operator's page at /ui
 
 
@@ -5518,8 +5519,11 @@ class App:
         self.engine = DeliveryEngine(self.backend.open_deliveries, self.store.current, self.options, self.metrics,
                                      self._failure_targets)
         rate = parse_rate(self.options.rate_limit)
-        # per IP: in memory (before authentication nothing touches storage); per webhook: the backend's
-        self.ip_limiter, self.hook_limiter = RateLimiter(rate), self.backend.rate_limiter(rate)
+        # per IP: in memory (before authentication nothing touches storage), each of N worker processes
+        # taking 1/N of it, so that N processes do not mean N times the limit; per webhook: the backend's
+        n = max(1, self.options.processes)
+        ip_rate = (rate[0] / n, max(1.0, rate[1] / n)) if rate else None
+        self.ip_limiter, self.hook_limiter = RateLimiter(ip_rate), self.backend.rate_limiter(rate)
         self.platforms = Platforms(self.vault, self.engine, self.options.inline_window)
         self.routes = self._route_table()
         self._static = {(r.method, r.pattern.pattern): r for r in self.routes if "(" not in r.pattern.pattern}
@@ -6540,7 +6544,8 @@ class Server(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, app: "App", host: str | None = None, port: int | None = None):
+    def __init__(self, app: "App", host: str | None = None, port: int | None = None, sock: socket.socket | None = None):
+        """Listen on ``host``:``port``, or on ``sock``, a listening socket shared by worker processes."""
         self.app = app
         self.options = app.options
         host = host if host is not None else self.options.host
@@ -6557,7 +6562,13 @@ class Server(http.server.ThreadingHTTPServer):
         self._per_client: dict = {}  # client address -> open connections
         self._slots = threading.BoundedSemaphore(self.options.max_connections)
         self._overflow = threading.BoundedSemaphore(8)  # connections over a cap read for a health check
-        super().__init__((host, port), Handler)
+        if sock is None:
+            super().__init__((host, port), Handler)
+        else:
+            super().__init__(sock.getsockname()[:2], Handler, bind_and_activate=False)
+            self.socket.close()
+            self.socket, self.server_address = sock, sock.getsockname()
+            self.server_name, self.server_port = self.server_address[:2]
         self._watchdog = threading.Thread(target=self._watch, name="request-deadlines", daemon=True)
         self._watchdog.start()
 
@@ -6863,6 +6874,8 @@ def _configure_logging(level: str, fmt: str, log_file: str | None) -> None:
 @click.option("--keep-requests", is_flag=True,
               help="Keep every named webhook's requests (credentials removed) for inspection and replay.")
 @click.option("--no-ui", is_flag=True, help="Turn off the operator's page at /ui.")
+@click.option("--processes", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Worker processes sharing the port (above 1 needs --database-url for now).")
 @click.option("--reload-interval", type=click.FloatRange(min=0), default=0.5, show_default=True,
               help="Seconds between checks of the data files for changes made by hand (0: at every request); "
                    "the CLI's own changes are signalled at once.")
@@ -6891,11 +6904,17 @@ def serve(state: CliState, **kw) -> None:
                       allow_api_exec=kw["allow_api_exec"], log_bodies=kw["log_bodies"],
                       metrics_admin=kw["metrics_admin"], tls_cert=kw["tls_cert"], tls_key=kw["tls_key"],
                       lease=kw["lease"], keep_requests=kw["keep_requests"], ui=not kw["no_ui"],
-                      reload_interval=kw["reload_interval"])
+                      reload_interval=kw["reload_interval"], processes=kw["processes"])
     running = None if state.database_url else running_server(state.paths)
     if running and running["pid"] != os.getpid():
         raise click.ClickException(f"a server (pid {running['pid']}) is already running on {state.paths.root} at "
                                    f"{running['url']}: stop it first, or use another --data-dir")
+    if options.processes > 1:
+        if not state.database_url:
+            raise click.UsageError("--processes above 1 needs --database-url for now: on a data directory the "
+                                   "queue, the dedupe memory and ?wait= live in one process")
+        _supervise(state, options, (kw["log_level"], kw["log_format"], kw["log_file"]))
+        return
     app = App(state.paths, options, state.backend)
     with _errors():
         made = app.start()
@@ -6906,16 +6925,8 @@ def serve(state: CliState, **kw) -> None:
         raise click.ClickException(f"cannot use --tls-cert/--tls-key: {e.reason or e}") from None
     except OSError as e:
         app.stop(0)
-        if getattr(e, "errno", None) == errno.EADDRINUSE:
-            hint = "another server on that port? choose one with --port"
-        elif getattr(e, "errno", None) in (errno.EACCES, errno.EPERM):
-            hint = "ports below 1024 need privileges; choose one with --port"
-        else:
-            hint = "--host must be an address of this machine, such as 127.0.0.1, 0.0.0.0 or ::"
-        raise click.ClickException(f"cannot listen on {options.host}:{options.port}: {e.strerror or e} ({hint})") from None
-    if made:
-        click.echo(f"Generated {' and '.join(made)} in {state.paths.vault if not state.database_url else state.backend.where}. Read them with:\n"
-                   + "".join(f"  {_invocation(state)} vault get {k}\n" for k in made), err=True)
+        raise _cannot_listen(options, e) from None
+    _first_start_hint(state, made)
     with contextlib.suppress(VaultError):
         if state.vault.get("discord_public_key") and not ed25519_available():
             log.warning("discord_public_key is set but cryptography is not installed: "
@@ -6931,6 +6942,45 @@ def serve(state: CliState, **kw) -> None:
             log.warning("the data directory %s is on a network filesystem (%s): SQLite's locking and WAL do not "
                         "work there; use a local disk, or PostgreSQL (--database-url) for several boxes", state.paths.root, fs)
 
+    _on_signals(app, server, options)  # before server.json names this process
+    _announce(state, server.url)
+    try:
+        _serve_until_stopped(app, server, options)
+    finally:
+        _forget_server_json(state)
+        log.info("stopped")
+
+
+def _cannot_listen(options: Options, e: OSError) -> click.ClickException:
+    if getattr(e, "errno", None) == errno.EADDRINUSE:
+        hint = "another server on that port? choose one with --port"
+    elif getattr(e, "errno", None) in (errno.EACCES, errno.EPERM):
+        hint = "ports below 1024 need privileges; choose one with --port"
+    else:
+        hint = "--host must be an address of this machine, such as 127.0.0.1, 0.0.0.0 or ::"
+    return click.ClickException(f"cannot listen on {options.host}:{options.port}: {e.strerror or e} ({hint})")
+
+
+def _first_start_hint(state: CliState, made: list) -> None:
+    if made:
+        click.echo(f"Generated {' and '.join(made)} in {state.paths.vault if not state.database_url else state.backend.where}. Read them with:\n"
+                   + "".join(f"  {_invocation(state)} vault get {k}\n" for k in made), err=True)
+
+
+def _announce(state: CliState, url: str, workers: str = "") -> None:
+    with contextlib.suppress(OSError):
+        atomic_write(state.paths.server, json.dumps({"url": url, "pid": os.getpid(), "version": __version__,
+                                                     "started_at": clock()}).encode())
+    click.echo(f"moxxy-webhooks {__version__} listening on {url} (data: {state.backend.where}){workers}", err=True)
+
+
+def _forget_server_json(state: CliState) -> None:
+    if (running_server(state.paths) or {}).get("pid") == os.getpid():  # only our own, never another's
+        with contextlib.suppress(OSError):
+            os.unlink(state.paths.server)
+
+
+def _on_signals(app: App, server: Server, options: Options) -> None:
     def on_signal(signum, frame):
         if signum == signal.SIGHUP:  # sent by the CLI after each change it writes
             app.reload()
@@ -6940,12 +6990,11 @@ def serve(state: CliState, **kw) -> None:
         # shutdown() blocks until serve_forever returns: never call it from the signal handler itself
         threading.Thread(target=server.stop, args=(options.grace,), daemon=True).start()
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # before server.json names this process
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    with contextlib.suppress(OSError):
-        atomic_write(state.paths.server, json.dumps({"url": server.url, "pid": os.getpid(), "version": __version__,
-                                                     "started_at": clock()}).encode())
-    click.echo(f"moxxy-webhooks {__version__} listening on {server.url} (data: {state.backend.where})", err=True)
+
+
+def _serve_until_stopped(app: App, server: Server, options: Options) -> None:
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
@@ -6956,9 +7005,80 @@ def serve(state: CliState, **kw) -> None:
         deadline = time.monotonic() + 2.0
         while server.active() and time.monotonic() < deadline:
             time.sleep(0.05)
-        if (running_server(state.paths) or {}).get("pid") == os.getpid():  # only our own, never another's
-            with contextlib.suppress(OSError):
-                os.unlink(state.paths.server)
+
+
+def _supervise(state: CliState, options: Options, log_args: tuple) -> None:
+    """serve --processes N: one listening socket, N worker processes forked from this supervisor,
+    each a whole gateway on the shared database (claims, leases, dedupe and rate limits there).
+    A worker that dies is started again; SIGTERM drains them all, SIGHUP reloads them all."""
+    if options.tls_cert:
+        raise click.UsageError("--processes above 1 does not take --tls-cert yet: terminate TLS in front of it")
+    family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
+    try:
+        sock = socket.create_server((options.host, options.port), family=family, backlog=128)
+    except OSError as e:
+        raise _cannot_listen(options, e) from None
+    sock.setblocking(False)  # every worker's loop accepts until the backlog is empty
+    with _errors():
+        state.backend.prepare()
+        state.store.current(strict=True)
+        made = state.vault.ensure_generated(["webhook_secret", "admin_token"])
+    _first_start_hint(state, made)
+    host, port = sock.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    workers: dict = {}  # pid -> when it started
+    stopping = False
+
+    def spawn() -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker: a fresh backend (no connection of the supervisor's), its own log writer
+            code = 1
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # not the supervisor's, until its own
+                signal.signal(sig, signal.SIG_DFL)
+            try:
+                _configure_logging(*log_args)
+                app = App(state.paths, options, open_backend(state.paths, state.database_url))
+                app.start()
+                server = Server(app, sock=sock)
+                _on_signals(app, server, options)
+                _serve_until_stopped(app, server, options)
+                code = 0
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        workers[pid] = time.monotonic()
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = stopping or signum != signal.SIGHUP
+        for pid in list(workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    for _ in range(options.processes):
+        spawn()
+    _announce(state, url, f", {options.processes} worker processes")
+    try:
+        while workers:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            started = workers.pop(pid, None)
+            if started is None or stopping:
+                continue
+            log.warning("worker %d ended (%s): starting another", pid, os.waitstatus_to_exitcode(status))
+            if time.monotonic() - started < 1.0:
+                time.sleep(1.0)  # a worker that cannot start must not be restarted in a tight loop
+            if not stopping:
+                spawn()
+    finally:
+        _forget_server_json(state)
+        sock.close()
         log.info("stopped")
 
 

@@ -2460,6 +2460,47 @@ def test_the_database_going_away_is_a_503_then_serving_resumes_without_a_restart
     finally:
         server.close()
 
+def children_of(pid: int) -> set:
+    """The live child processes of ``pid`` (from /proc)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid and fields[0] != "Z":
+                    found.add(int(entry))
+    return found
+
+
+def test_serve_processes_runs_workers_on_one_port_and_starts_a_dead_one_again(pg_url, tmp_path):
+    backend = mw.open_backend(mw.Paths(str(tmp_path / "unused")), pg_url)
+    backend.vault.set("webhook_secret", "shared-secret")
+    backend.vault.set("admin_token", "shared-admin")
+    box = ServeProcess(pg_url, str(tmp_path / "box"), "--processes", "2", "--grace", "2")
+    try:
+        assert eventually(lambda: len(children_of(box.proc.pid)) == 2)  # the workers (agents are theirs)
+        first = children_of(box.proc.pid)
+        for i in range(6):
+            assert box.request("POST", "/api/webhooks/generic", {"message": f"m{i}"},
+                               {"X-Webhook-Secret": "shared-secret"})[0] == 200
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        assert eventually(lambda: victim not in children_of(box.proc.pid) and len(children_of(box.proc.pid)) == 2,
+                          timeout=10)  # started again, within a second or so
+        assert box.request("POST", "/api/webhooks/generic", {"message": "after"},
+                           {"X-Webhook-Secret": "shared-secret"})[0] == 200
+        status, listed = box.request("GET", "/api/deliveries?webhook=generic&limit=100", headers=ADMIN)
+        assert status == 200 and len(listed["deliveries"]) == 7  # one database behind every worker
+    finally:
+        box.stop()
+    assert box.proc.returncode == 0 and not children_of(box.proc.pid)
+
+
+def test_serve_processes_on_a_data_directory_says_it_needs_a_database(runner, restore_logging):
+    result = runner("serve", "--port", "0", "--processes", "2")
+    assert result.exit_code == 2 and "--processes above 1 needs --database-url" in result.output
+
 
 # === Delivery engine ===
 
