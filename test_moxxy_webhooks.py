@@ -5688,17 +5688,27 @@ class Page:
 
     def __init__(self, driver, gw: Gateway):
         from selenium.webdriver.common.by import By
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.support.ui import WebDriverWait
         self.driver, self.gw, self.By = driver, gw, By
-        self.wait = WebDriverWait(driver, 10)
+        # The page re-renders what it shows: an element found a moment ago may be gone; look again.
+        self.wait = WebDriverWait(driver, 10, ignored_exceptions=(StaleElementReferenceException,))
         self.url = f"http://127.0.0.1:{gw.port}/ui"
 
     def find(self, css: str):
         return self.wait.until(lambda d: d.find_element(self.By.CSS_SELECTOR, css))
 
     def text_of(self, css: str, contains: str = "") -> str:
-        self.wait.until(lambda d: contains in d.find_element(self.By.CSS_SELECTOR, css).text)
-        return self.driver.find_element(self.By.CSS_SELECTOR, css).text
+        seen = []
+
+        def shows(d) -> bool:
+            seen[:] = [d.find_element(self.By.CSS_SELECTOR, css).text]
+            return contains in seen[0]
+        self.wait.until(shows)
+        return seen[0]
+
+    def click(self, css: str) -> None:
+        self.wait.until(lambda d: d.find_element(self.By.CSS_SELECTOR, css).click() or True)
 
     def count(self, css: str) -> int:
         return len(self.driver.find_elements(self.By.CSS_SELECTOR, css))
@@ -5708,7 +5718,7 @@ class Page:
         box = self.find("#token")
         box.clear()
         box.send_keys(token)
-        self.find("#signin-button").click()
+        self.click("#signin-button")
 
     def shot(self, name: str) -> None:
         """Screenshots for the README: MOXXY_UI_SCREENSHOTS=docs pytest -k page_"""
@@ -5744,27 +5754,27 @@ def test_page_sign_in_see_a_delivery_arrive_open_it_and_replay_it(page, gw):
     assert page.text_of("#webhooks", "shop")
     token = gw.admin["Authorization"].split()[1]
     assert token not in page.driver.current_url and page.driver.get_cookies() == []
-    page.find("#nav-deliveries").click()
+    page.click("#nav-deliveries")
     assert "No deliveries match" in page.text_of("#deliveries-body", "No deliveries")
     first = post_json(gw, "shop", {"id": 42, "note": XSS})[2]  # arrives while the page is open
-    row = page.find(f'tr[data-delivery="{first["delivery_id"]}"]')
-    assert "succeeded" in row.text
+    row = f'tr[data-delivery="{first["delivery_id"]}"]'
+    assert "succeeded" in page.text_of(row, "succeeded")
     page.shot("deliveries")
-    row.find_element(page.By.CSS_SELECTOR, "a").click()
+    page.click(row + " a")
     assert page.text_of("#delivery-response", "order 42") == f"order 42: {XSS}"  # shown as text
     assert page.driver.execute_script("return window.pwned") is None
     assert page.count("#main img") == 0 and page.count("#main script") == 0
     assert "x-webhook-secret" not in page.text_of("#kept", "POST /api/webhooks/shop").lower().split("not kept")[0]
     page.shot("delivery")
-    page.find("#replay").click()
-    page.find("#new-delivery").click()
+    page.click("#replay")
+    page.click("#new-delivery")
     assert page.text_of("#replay-of", first["delivery_id"]) == first["delivery_id"]
     replayed = page.text_of("#delivery-id", "")
     assert replayed != first["delivery_id"]
     page.driver.get(page.url + "#/deliveries?webhook=shop")
     page.find(f'tr[data-delivery="{replayed}"]')
     assert page.count("tr[data-delivery]") == 2
-    page.find("#nav-webhooks").click()
+    page.click("#nav-webhooks")
     assert page.text_of('tr[data-webhook="shop"]', "succeeded").split()[-2:] == ["0", "deliveries"]  # none failed
     page.shot("webhooks")
 
@@ -5780,7 +5790,7 @@ def test_page_dry_runs_an_edited_payload_and_retries_a_failure(page, gw, tmp_pat
     assert json.loads(body.get_attribute("value")) == {"status": "green"}
     body.clear()
     body.send_keys('{"status": "red"}')
-    page.find("#dry-run").click()
+    page.click("#dry-run")
     result = json.loads(page.text_of("#action-result", "dry_run"))
     assert result["dry_run"] is True and result["message"] == "build red"
     assert len(gw.admin_call("GET", "/api/deliveries?webhook=ci")[2]["deliveries"]) == 1  # a dry run records nothing
@@ -5790,25 +5800,25 @@ def test_page_dry_runs_an_edited_payload_and_retries_a_failure(page, gw, tmp_pat
     status, _, failed = post_json(gw, "fl", {"message": "x"})  # fails once: a failed delivery to retry
     assert status == 502
     page.driver.get(page.url + f"#/delivery/{failed['delivery_id']}")
-    page.find("#retry").click()
+    page.click("#retry")
     assert json.loads(page.text_of("#action-result", "queued"))["status"] == "queued"
     assert gw.admin_call("GET", f"/api/deliveries/{failed['delivery_id']}?wait=10")[2]["status"] == "succeeded"
 
 
 def test_page_creates_a_webhook_with_errors_shown_at_the_field(page, gw):
     page.sign_in(gw.admin["Authorization"].split()[1])
-    page.find("#nav-new").click()
+    page.click("#nav-new")
     page.find("#f-name").send_keys("from-page")
     page.find("#f-transform-message_template").send_keys("Hello {{name}}")
     page.find("#f-filters-condition").send_keys("$.severity ==")
-    page.find("#save").click()
+    page.click("#save")
     assert page.text_of("#f-filters-condition-error", "position").startswith("filters.condition: expected a value")
     page.shot("form-error")
     page.driver.get_log("browser")  # the 400 is expected
     condition = page.find("#f-filters-condition")
     condition.clear()
     condition.send_keys("$.severity == 'critical'")
-    page.find("#save").click()
+    page.click("#save")
     assert "Its secret (shown once" in page.text_of("#flash-text", "secret")
     stored = gw.admin_call("GET", "/api/webhooks/from-page")[2]
     assert stored["filters"] == {"condition": "$.severity == 'critical'"} and stored["has_secret"] is True
@@ -5817,13 +5827,13 @@ def test_page_creates_a_webhook_with_errors_shown_at_the_field(page, gw):
     template = page.find("#f-transform-message_template")
     template.clear()
     template.send_keys("Edited {{name}}")
-    page.find("#f-keep_requests").click()
-    page.find("#save").click()
-    page.wait.until(lambda d: d.find_element(page.By.CSS_SELECTOR, "#flash-text").text == "Saved.")
+    page.click("#f-keep_requests")
+    page.click("#save")
+    page.wait.until(lambda d: page.text_of("#flash-text") == "Saved.")  # not the first save's "Saved. Its secret"
     stored = mw.open_backend(gw.paths).config.read_raw()["webhooks"]["from-page"]
     assert stored["transform"] == {"message_template": "Edited {{name}}"} and stored["keep_requests"] is True
     assert stored["secret"] == secret  # the "***" the page sent back keeps the secret
-    page.find("#nav-webhooks").click()
+    page.click("#nav-webhooks")
     assert "from-page" in page.text_of("#webhooks", "from-page")
 
 
@@ -5838,8 +5848,8 @@ def test_page_works_the_same_on_postgresql(browser, gateway, pg_url):
         assert "pg-hook" in page.text_of("#webhooks", "pg-hook")
         page.driver.get(page.url + f"#/delivery/{first['delivery_id']}")
         assert page.text_of("#delivery-response", "from postgres") == "from postgres"
-        page.find("#replay").click()
-        page.find("#new-delivery").click()
+        page.click("#replay")
+        page.click("#new-delivery")
         assert page.text_of("#replay-of", first["delivery_id"]) == first["delivery_id"]
         assert not page.errors()
     finally:
