@@ -49,6 +49,7 @@ import ipaddress
 import json
 import logging
 import math
+import mmap
 import os
 import queue
 import random
@@ -374,6 +375,10 @@ class JsonFile(ConfigStore):
         self.compile = compile
         self.check_interval = 0.0  # seconds between stat()s of the file (0: at every current())
         self.on_write: Callable[[], None] | None = None  # after each write (the CLI tells the server)
+        # serve --processes: a counter in memory shared by the workers, bumped by each write, so that
+        # a change made through one worker is in force in the others at their next request
+        self.generation: mmap.mmap | None = None
+        self._seen_generation = b""
         self._checked = 0.0
         self._key: tuple | None = ("unloaded",)
         self._value: Any = None
@@ -408,6 +413,9 @@ class JsonFile(ConfigStore):
     def current(self, strict: bool = False) -> Any:
         """Return the compiled document, reloading it if the file changed: one stat per call, or per
         ``check_interval`` seconds (a write through this object, or SIGHUP, is seen at once)."""
+        if self.generation is not None and self.generation[:8] != self._seen_generation:
+            self._seen_generation = self.generation[:8]  # another worker wrote: look now
+            self.force_reload()
         if self.check_interval:
             now = time.monotonic()
             if now - self._checked < self.check_interval and self._key not in (("unloaded",), ("stale",)):
@@ -453,6 +461,8 @@ class JsonFile(ConfigStore):
             self.compile(raw)
             try:
                 atomic_write(self.path, (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode())
+                if self.generation is not None:  # under the file lock: one writer at a time
+                    self.generation[:8] = (int.from_bytes(self.generation[:8], "little") + 1).to_bytes(8, "little")
             except OSError as e:  # a full disk, a read-only mount: nothing was changed, say so
                 log.error("cannot write %s: %s", self.path, e)
                 raise Unavailable(f"{os.path.basename(self.path)} could not be written ({e.strerror}); "
@@ -2437,7 +2447,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     next_attempt_at REAL,
     request TEXT,
     replay_of TEXT,
-    history TEXT
+    history TEXT,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS deliveries_webhook ON deliveries (webhook, created_at);
 CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries (status, created_at);
@@ -2458,22 +2469,25 @@ CREATE TABLE IF NOT EXISTS replies (
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     created_at REAL NOT NULL,
-    next_attempt_at REAL
+    next_attempt_at REAL,
+    owner TEXT
 );
 """
 FINISHED = ("succeeded", "failed", "filtered", "duplicate")
 DELIVERY_STATUSES = ("queued", "running") + FINISHED
-ADDED_COLUMNS = ("request", "replay_of", "history")  # added to deliveries after the first release
+# added after the first release: (table, column); ``owner`` is the worker process running a job (--processes)
+ADDED_COLUMNS = (("deliveries", "request"), ("deliveries", "replay_of"), ("deliveries", "history"),
+                 ("deliveries", "owner"), ("replies", "owner"))
 INSERT_DELIVERY = ("INSERT OR REPLACE INTO deliveries (id, webhook, agent, status, attempts, max_attempts, event, "
                    "message, context, response, error, reply_to, created_at, finished_at, next_attempt_at, request, "
-                   "replay_of, history) VALUES (:id, :webhook, :agent, :status, :attempts, :max_attempts, :event, "
-                   ":message, :context, :response, :error, :reply_to, :created_at, :finished_at, :next_attempt_at, "
-                   ":request, :replay_of, :history)")
+                   "replay_of, history, owner) VALUES (:id, :webhook, :agent, :status, :attempts, :max_attempts, "
+                   ":event, :message, :context, :response, :error, :reply_to, :created_at, :finished_at, "
+                   ":next_attempt_at, :request, :replay_of, :history, :owner)")
 LISTED = ("id, webhook, agent, status, attempts, event, response, error, created_at, finished_at, replay_of, "
           "request IS NOT NULL AS has_request")  # a listing never reads the kept requests
 INSERT_REPLY = ("INSERT OR REPLACE INTO replies (id, delivery_id, kind, args, status, sent, attempts, error, created_at, "
-                "next_attempt_at) VALUES (:id, :delivery_id, :kind, :args, :status, :sent, :attempts, :error, "
-                ":created_at, :next_attempt_at)")
+                "next_attempt_at, owner) VALUES (:id, :delivery_id, :kind, :args, :status, :sent, :attempts, :error, "
+                ":created_at, :next_attempt_at, :owner)")
 
 
 def _unicode_safe(params: dict | list | tuple) -> dict | list:
@@ -2488,7 +2502,8 @@ def delivery_row(**fields) -> dict:
     """A full row for INSERT_DELIVERY with defaults for what is not given."""
     row = dict(id=None, webhook="generic", agent="default", status="queued", attempts=0, max_attempts=1,
                event=None, message=None, context=None, response=None, error=None, reply_to=None,
-               created_at=clock(), finished_at=None, next_attempt_at=None, request=None, replay_of=None, history=None)
+               created_at=clock(), finished_at=None, next_attempt_at=None, request=None, replay_of=None, history=None,
+               owner=None)
     row.update(fields)
     for key in ("context", "request", "history"):
         if isinstance(row[key], (dict, list)):
@@ -2528,11 +2543,11 @@ def connect_db(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.executescript(DELIVERY_SCHEMA)
-    have = {r["name"] for r in conn.execute("PRAGMA table_info(deliveries)")}
-    for column in ADDED_COLUMNS:  # a deliveries.db from an earlier version
-        if column not in have:
+    have = {(t, r["name"]) for t in ("deliveries", "replies") for r in conn.execute(f"PRAGMA table_info({t})")}
+    for table, column in ADDED_COLUMNS:  # a deliveries.db from an earlier version
+        if (table, column) not in have:
             with contextlib.suppress(sqlite3.OperationalError):  # another process added it first
-                conn.execute(f"ALTER TABLE deliveries ADD COLUMN {column} TEXT")
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
     for suffix in ("-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.chmod(path + suffix, 0o600)
@@ -2712,6 +2727,9 @@ class DeliveryLog(DeliveryStore):
     Readers share a second connection under a lock.
     """
 
+    owner = None  # the token of the process running its jobs (SharedDeliveryLog); one process needs none
+    poll = math.inf  # how long ``wait`` trusts this process's commits alone (another process may finish a job)
+
     def __init__(self, path: str, retention: float = 7 * 86400):
         self.path = path
         self.retention = retention
@@ -2873,7 +2891,7 @@ class DeliveryLog(DeliveryStore):
             if earlier is not None:
                 return earlier
         try:
-            self.insert(wait=True, **row)
+            self.insert(wait=True, **{**row, "owner": self.owner})
         except HTTPError:
             if dedupe:
                 self.release(*dedupe, row["id"])
@@ -2914,7 +2932,7 @@ class DeliveryLog(DeliveryStore):
 
     def requeue(self, delivery_id: str, max_attempts: int) -> None:
         self.update(delivery_id, wait=True, status="queued", finished_at=None, next_attempt_at=None,
-                    max_attempts=max_attempts)
+                    max_attempts=max_attempts, owner=self.owner)
         self._jobs.put(delivery_id)
 
     def close(self) -> None:
@@ -2950,7 +2968,7 @@ class DeliveryLog(DeliveryStore):
     # replies
     def add_reply(self, row: dict) -> None:
         try:
-            self.write(INSERT_REPLY, row, wait=True)
+            self.write(INSERT_REPLY, {**row, "owner": self.owner}, wait=True)
         finally:  # not durable if the write failed, but still sent: losing the answer now is worse
             self._replies.put(row, row["next_attempt_at"] or 0.0)
 
@@ -2958,7 +2976,7 @@ class DeliveryLog(DeliveryStore):
         return self._replies.get(timeout)
 
     def reply_progress(self, row: dict) -> None:
-        self.write(INSERT_REPLY, row)
+        self.write(INSERT_REPLY, {**row, "owner": self.owner})
         if row["status"] == "queued":
             self._replies.put(row, row["next_attempt_at"] or 0.0)
 
@@ -2992,7 +3010,7 @@ class DeliveryLog(DeliveryStore):
 
     def wait(self, delivery_id: str, timeout: float) -> sqlite3.Row | None:
         """Return the delivery once it is finished, or as it is when ``timeout`` passes."""
-        deadline = time.monotonic() + timeout
+        deadline, pause = time.monotonic() + timeout, min(0.02, self.poll)
         while True:
             with self._committed:
                 seen = self._commits
@@ -3000,8 +3018,9 @@ class DeliveryLog(DeliveryStore):
             left = deadline - time.monotonic()
             if row is None or row["status"] in FINISHED or left <= 0 or self._thread is None:
                 return row
-            with self._committed:
-                self._committed.wait_for(lambda: self._commits != seen, left)
+            with self._committed:  # woken by our own commits; polling too when other processes write
+                self._committed.wait_for(lambda: self._commits != seen, min(left, pause))
+            pause = min(pause * 2, self.poll)
 
     # dedupe
     def release(self, webhook: str, key: str, delivery_id: str) -> None:
@@ -3036,6 +3055,169 @@ class DeliveryLog(DeliveryStore):
         self.write("INSERT OR REPLACE INTO seen (webhook, key, delivery_id, seen_at) VALUES (?, ?, ?, ?)",
                    (webhook, key, delivery_id, now))
         return None
+
+
+class SharedDeliveryLog(DeliveryLog):
+    """``deliveries.db`` shared by the worker processes of one ``serve --processes N``.
+
+    A job belongs to the process that accepted it (``owner``, a random token): that process alone
+    runs it, so a claim costs what it costs with one process (no commit of its own). While it lives,
+    a process holds an exclusive ``flock`` on ``workers/<token>`` beside the database; the kernel
+    drops it when the process ends, however it ends. Every second (and at start), each process looks
+    for owners whose lock it can take: their unfinished jobs and replies, and those of an earlier
+    run, are adopted by the first process to see them, in one write transaction. A dedupe claim is
+    decided inside a commit; ``?wait=`` polls; a ``max_concurrency`` slot is an flock'ed file.
+    """
+
+    shared = True
+    poll = 0.25
+    OWNER = re.compile(r"[0-9a-f]{16}")
+
+    def __init__(self, path: str, retention: float = 7 * 86400):
+        super().__init__(path, retention)
+        self.owner = secrets.token_hex(8)
+        self._dir = os.path.join(os.path.dirname(path), "workers")
+        self._lock_fd: int | None = None
+        self._stopping = threading.Event()
+        self._reaper: threading.Thread | None = None
+        self._depth = (0, -math.inf)
+
+    def _lock_file(self, name: str) -> str:
+        os.makedirs(self._dir, mode=0o700, exist_ok=True)
+        return os.path.join(self._dir, name)
+
+    def start(self) -> None:
+        # locked under a temporary name, then renamed: no other process ever sees it unlocked
+        tmp = self._lock_file(f".{self.owner}")
+        self._lock_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        os.rename(tmp, self._lock_file(self.owner))
+        super().start()
+        self._reaper = threading.Thread(target=self._adopting, name="delivery-adopter", daemon=True)
+        self._reaper.start()
+
+    def close(self) -> None:
+        self._stopping.set()
+        super().close()
+
+    def stop(self) -> None:
+        self.close()
+        if self._reaper:
+            self._reaper.join(5)
+        with contextlib.suppress(HTTPError):  # what is left here goes to another process now, not at our exit
+            for table, unfinished in (("deliveries", "'queued', 'running'"), ("replies", "'queued'")):
+                self.write(f"UPDATE {table} SET owner = NULL WHERE owner = ? AND status IN ({unfinished})",
+                           (self.owner,), wait=True)
+        super().stop()
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._lock_file(self.owner))
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _gone(self, owner: str | None) -> bool:
+        """True when ``owner`` is no process that lives: its lock can be taken (or it has none)."""
+        if owner is None or not self.OWNER.fullmatch(owner):
+            return True
+        try:
+            fd = os.open(self._lock_file(owner), os.O_RDWR)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    def _adopting(self) -> None:
+        while not self._stopping.wait(1.0):
+            try:
+                self.adopt()
+            except Exception:  # the next round tries again; the jobs stay stored
+                log.exception("delivery log: adopting the jobs of ended workers failed")
+
+    def adopt(self) -> int:
+        """Take over the unfinished jobs and replies of owners that ended; return how many jobs."""
+        owners = {r[0] for r in self.query(
+            "SELECT DISTINCT owner FROM deliveries WHERE status IN ('queued', 'running') "
+            "UNION SELECT DISTINCT owner FROM replies WHERE status = 'queued'")}
+        files = {f for f in os.listdir(self._lock_file("")) if self.OWNER.fullmatch(f)}
+        gone = [o for o in owners | files if o != self.owner and self._gone(o)]
+        named = [o for o in gone if o is not None]
+        if not (owners & set(gone)) or self._stopping.is_set():
+            for owner in named:  # ended with nothing unfinished: only its lock file is left
+                with contextlib.suppress(OSError):
+                    os.unlink(self._lock_file(owner))
+            return 0
+        whose = f"(owner IS NULL OR owner IN ({', '.join('?' * len(named))}))"
+        jobs_sql = f"FROM deliveries WHERE status IN ('queued', 'running') AND {whose}"
+        replies_sql = f"FROM replies WHERE status = 'queued' AND {whose}"
+        with self._read_lock:
+            conn = self._reader
+            conn.execute("BEGIN IMMEDIATE")  # one process at a time: each job is adopted once
+            try:
+                jobs = conn.execute(f"SELECT id, next_attempt_at {jobs_sql}", named).fetchall()
+                replies = conn.execute(f"SELECT * {replies_sql}", named).fetchall()
+                conn.execute(f"UPDATE deliveries SET owner = ? WHERE id IN (SELECT id {jobs_sql})", [self.owner, *named])
+                conn.execute(f"UPDATE replies SET owner = ? WHERE id IN (SELECT id {replies_sql})", [self.owner, *named])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        for row in jobs:
+            self._jobs.put(row["id"], row["next_attempt_at"] or 0.0)
+        for row in replies:
+            self._replies.put(dict(row, owner=self.owner), row["next_attempt_at"] or 0.0)
+        for owner in named:
+            with contextlib.suppress(OSError):
+                os.unlink(self._lock_file(owner))
+        if jobs or replies:
+            log.info("delivery log: took over %d job(s) and %d reply(ies) of worker processes that ended",
+                     len(jobs), len(replies))
+        return len(jobs)
+
+    def recover(self) -> int:
+        return self.adopt()
+
+    def depth(self) -> int:
+        """Jobs queued in every process (counted at most twice a second: it bounds intake)."""
+        if time.monotonic() - self._depth[1] > 0.5:
+            n = self.query("SELECT count(*) AS n FROM deliveries WHERE status = 'queued'")[0]["n"]
+            self._depth = (n, time.monotonic())
+        return self._depth[0]
+
+    def claim(self, webhook: str, key: str, delivery_id: str) -> Any:
+        """Decided in a commit, so that two processes given the same id at once run it once."""
+        now = clock()
+        self.write("INSERT INTO seen AS s (webhook, key, delivery_id, seen_at) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT (webhook, key) DO UPDATE SET delivery_id = excluded.delivery_id, "
+                   "seen_at = excluded.seen_at WHERE s.seen_at <= ? OR EXISTS (SELECT 1 FROM deliveries d "
+                   "WHERE d.id = s.delivery_id AND d.status = 'failed') OR (s.seen_at < ? AND NOT EXISTS "
+                   "(SELECT 1 FROM deliveries d WHERE d.id = s.delivery_id))",  # a claim whose delivery was never written
+                   (webhook, key, delivery_id, now, now - DEDUPE_WINDOW, now - 900), wait=True)
+        rows = self.query("SELECT delivery_id FROM seen WHERE webhook = ? AND key = ?", (webhook, key))
+        if not rows or rows[0]["delivery_id"] == delivery_id:
+            return None
+        earlier_id = rows[0]["delivery_id"]
+        return self.get(earlier_id) or {"id": earlier_id, "status": "running", "response": None}
+
+    def slot(self, name: str, limit: int, timeout: float) -> Callable[[], None] | None:
+        """One of ``limit`` flock'ed files for ``name``, across the processes (given back at their exit too)."""
+        base = self._lock_file("slot-" + hashlib.sha256(name.encode()).hexdigest()[:16])
+        end = time.monotonic() + timeout
+        while True:
+            for i in range(limit):
+                fd = os.open(f"{base}.{i}", os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return functools.partial(os.close, fd)
+                except BlockingIOError:
+                    os.close(fd)
+            if time.monotonic() >= end:
+                return None
+            time.sleep(0.05)  # a poll: the slot may be given back in any process
 
 
 # === PostgreSQL ===
@@ -3706,8 +3888,10 @@ def open_backend(paths: Paths, database_url: str | None = None) -> Backend:
         if not os.path.exists(paths.webhooks):  # so that users find it, and stat() finds it cheaply
             config.update(lambda doc: None)
 
-    return Backend(config, Vault(JsonFile(paths.vault, dict, _compile_vault)),
-                   lambda options: DeliveryLog(paths.db, options.retention), prepare, paths.root)
+    def open_deliveries(options) -> DeliveryStore:
+        return (SharedDeliveryLog if options.processes > 1 else DeliveryLog)(paths.db, options.retention)
+
+    return Backend(config, Vault(JsonFile(paths.vault, dict, _compile_vault)), open_deliveries, prepare, paths.root)
 
 
 def _pg_backend(url: str) -> Backend:
@@ -3772,7 +3956,8 @@ class Options:
     lease: float = 60.0  # PostgreSQL: how long a claimed job is held without a heartbeat
     keep_requests: bool = False  # keep every named webhook's requests (else only where "keep_requests": true)
     reload_interval: float = 0.5  # seconds between checks of the data files (the CLI signals its writes at once)
-    processes: int = 1  # worker processes on one listening socket (serve --processes; PostgreSQL only for now)
+    processes: int = 1  # worker processes on one listening socket (serve --processes)
+    generations: dict = dataclasses.field(default_factory=dict)  # data file path -> its counter shared by the workers
     ui: bool = True  # the operator's page at /ui
 
 
@@ -5515,6 +5700,7 @@ class App:
         for data_file in (self.store, self.vault.file):
             if isinstance(data_file, JsonFile):
                 data_file.check_interval = self.options.reload_interval
+                data_file.generation = self.options.generations.get(data_file.path)
         self.metrics = Metrics()
         self.engine = DeliveryEngine(self.backend.open_deliveries, self.store.current, self.options, self.metrics,
                                      self._failure_targets)
@@ -5523,7 +5709,9 @@ class App:
         # taking 1/N of it, so that N processes do not mean N times the limit; per webhook: the backend's
         n = max(1, self.options.processes)
         ip_rate = (rate[0] / n, max(1.0, rate[1] / n)) if rate else None
-        self.ip_limiter, self.hook_limiter = RateLimiter(ip_rate), self.backend.rate_limiter(rate)
+        self.ip_limiter = RateLimiter(ip_rate)
+        in_memory = self.backend.rate_limiter is RateLimiter  # a data directory: divided as the per-IP one is
+        self.hook_limiter = RateLimiter(ip_rate) if in_memory else self.backend.rate_limiter(rate)
         self.platforms = Platforms(self.vault, self.engine, self.options.inline_window)
         self.routes = self._route_table()
         self._static = {(r.method, r.pattern.pattern): r for r in self.routes if "(" not in r.pattern.pattern}
@@ -6875,7 +7063,7 @@ def _configure_logging(level: str, fmt: str, log_file: str | None) -> None:
               help="Keep every named webhook's requests (credentials removed) for inspection and replay.")
 @click.option("--no-ui", is_flag=True, help="Turn off the operator's page at /ui.")
 @click.option("--processes", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Worker processes sharing the port (above 1 needs --database-url for now).")
+              help="Worker processes sharing the port and the data directory or database.")
 @click.option("--reload-interval", type=click.FloatRange(min=0), default=0.5, show_default=True,
               help="Seconds between checks of the data files for changes made by hand (0: at every request); "
                    "the CLI's own changes are signalled at once.")
@@ -6910,9 +7098,6 @@ def serve(state: CliState, **kw) -> None:
         raise click.ClickException(f"a server (pid {running['pid']}) is already running on {state.paths.root} at "
                                    f"{running['url']}: stop it first, or use another --data-dir")
     if options.processes > 1:
-        if not state.database_url:
-            raise click.UsageError("--processes above 1 needs --database-url for now: on a data directory the "
-                                   "queue, the dedupe memory and ?wait= live in one process")
         _supervise(state, options, (kw["log_level"], kw["log_format"], kw["log_file"]))
         return
     app = App(state.paths, options, state.backend)
@@ -7023,6 +7208,9 @@ def _supervise(state: CliState, options: Options, log_args: tuple) -> None:
         state.backend.prepare()
         state.store.current(strict=True)
         made = state.vault.ensure_generated(["webhook_secret", "admin_token"])
+        if not state.database_url:  # created (WAL, schema) once here: workers opening a new file at once collide
+            connect_db(state.paths.db).close()
+            options.generations = {path: mmap.mmap(-1, 8) for path in (state.paths.webhooks, state.paths.vault)}
     _first_start_hint(state, made)
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

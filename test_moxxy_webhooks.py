@@ -2033,13 +2033,15 @@ def test_retention_prunes_at_start(tmp_path):
 def test_an_older_deliveries_db_gains_the_new_columns_and_keeps_its_rows(tmp_path):
     path = str(tmp_path / "deliveries.db")
     old = sqlite3.connect(path)
-    old.executescript(mw.DELIVERY_SCHEMA.replace(",\n    request TEXT,\n    replay_of TEXT,\n    history TEXT", ""))
+    first_release = mw.DELIVERY_SCHEMA.replace(",\n    request TEXT,\n    replay_of TEXT,\n    history TEXT", "")
+    old.executescript(first_release.replace(",\n    owner TEXT", ""))
     old.execute("INSERT INTO deliveries (id, webhook, agent, status, created_at) VALUES ('old', 'gh', 'default', "
                 "'succeeded', 1)")
     old.commit()
     old.close()
     log_db = mw.DeliveryLog(path)
-    assert {"request", "replay_of", "history"} <= {r["name"] for r in log_db.query("PRAGMA table_info(deliveries)")}
+    assert {"request", "replay_of", "history", "owner"} <= {r["name"] for r in log_db.query("PRAGMA table_info(deliveries)")}
+    assert "owner" in {r["name"] for r in log_db.query("PRAGMA table_info(replies)")}
     assert mw.public_delivery(log_db.get("old"))["has_request"] is False
 
 
@@ -2052,11 +2054,14 @@ def test_a_sync_delivery_is_listed_at_once(gw):
 # --- the DeliveryStore contract, the same tests on every backend ---
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "sqlite-processes", "postgres"])
 def store(request, tmp_path):
-    """A started DeliveryStore of each backend (PostgreSQL: a fresh database of the test server)."""
+    """A started DeliveryStore of each backend (PostgreSQL: a fresh database of the test server;
+    sqlite-processes: deliveries.db as each worker of ``serve --processes N`` opens it)."""
     if request.param == "sqlite":
         made = mw.DeliveryLog(str(tmp_path / "deliveries.db"), retention=86400)
+    elif request.param == "sqlite-processes":
+        made = mw.SharedDeliveryLog(str(tmp_path / "deliveries.db"), retention=86400)
     else:
         made = mw.PgDeliveryStore(mw.PgPool(request.getfixturevalue("pg_url")), 86400, 30.0, lambda name: None)
     made.start()
@@ -2181,6 +2186,53 @@ def test_store_replies_are_queued_claimed_and_finished(store):
     assert got["id"] == row["id"]
     store.reply_progress(dict(got, status="queued", attempts=1, next_attempt_at=mw.clock() + 60))
     assert store.next_reply(0.3) is None  # not before its backoff
+
+
+# --- one deliveries.db, several worker processes ---
+
+
+@pytest.fixture
+def two_workers(tmp_path):
+    """Two SharedDeliveryLogs on one file, as two workers of ``serve --processes 2`` have them."""
+    made = [mw.SharedDeliveryLog(str(tmp_path / "deliveries.db"), retention=86400) for _ in range(2)]
+    for w in made:
+        w.start()
+    yield made
+    for w in made:
+        w.stop()
+
+
+def test_workers_on_one_file_run_a_sender_id_once(two_workers):
+    a, b = two_workers
+    assert a.claim("w", "guid", "from-a") is None
+    assert b.claim("w", "guid", "from-b")["id"] == "from-a"  # the other process knows of it at once
+    row = job()
+    assert b.enqueue(row, ("w", "guid-2")) is None
+    assert a.enqueue(job(), ("w", "guid-2"))["id"] == row["id"]
+
+
+def test_a_worker_runs_only_its_own_jobs_and_its_unfinished_ones_are_taken_over_when_it_stops(two_workers):
+    a, b = two_workers
+    rows = [job() for _ in range(3)]
+    for row in rows:
+        a.enqueue(row)
+    assert b.adopt() == 0 and b.next_job(0.2) is None  # a lives: they are a's
+    assert a.next_job(5)["id"] == rows[0]["id"]  # a runs one; the other two wait in its queue
+    a.stop()
+    assert b.adopt() == 3  # the running one (a died in it, so to speak) and the two waiting
+    assert sorted(b.next_job(5)["id"] for _ in rows) == sorted(r["id"] for r in rows)
+    assert b.adopt() == 0  # once only
+    assert os.listdir(os.path.dirname(a._lock_file(a.owner))) == [b.owner]  # a's lock file is gone
+
+
+def test_a_max_concurrency_slot_holds_across_workers(two_workers):
+    a, b = two_workers
+    release = a.slot("w", 1, 1.0)
+    assert release is not None and b.slot("w", 1, 0.1) is None
+    release()
+    again = b.slot("w", 1, 1.0)
+    assert again is not None
+    again()
 
 
 # === PostgreSQL ===
@@ -2497,12 +2549,81 @@ def test_serve_processes_runs_workers_on_one_port_and_starts_a_dead_one_again(pg
     assert box.proc.returncode == 0 and not children_of(box.proc.pid)
 
 
-def test_serve_processes_on_a_data_directory_says_it_needs_a_database(runner, restore_logging, tmp_path):
-    result = runner("serve", "--port", "0", "--processes", "2")
-    assert result.exit_code == 2 and "--processes above 1 needs --database-url" in result.output
+def workers_box(tmp_path, *args) -> ServeProcess:
+    """``serve --processes 2`` on a data directory, with a 20 ms command agent ``sleeper``."""
+    backend = mw.open_backend(mw.Paths(str(tmp_path / "data")))
+    backend.prepare()
+    backend.vault.set("webhook_secret", "shared-secret")
+    backend.vault.set("admin_token", "shared-admin")
+    mw.save_agent(backend.config, "sleeper", command_agent(["/bin/sleep", "0.02"]), create=True)
+    box = ServeProcess(None, str(tmp_path / "data"), "--processes", "2", "--grace", "2", *args)
+    assert eventually(lambda: len(children_of(box.proc.pid)) == 2)
+    return box
+
+
+def test_serve_processes_on_a_data_directory_share_the_queue_and_a_killed_worker_loses_nothing(tmp_path):
+    box = workers_box(tmp_path)
+    try:
+        accepted = []
+        for i in range(300):  # a fresh connection each: the two workers take them in turns, as the kernel hands them
+            if i == 150:
+                os.kill(min(children_of(box.proc.pid)), signal.SIGKILL)  # its queued jobs are taken over
+            status, body = box.request("POST", "/api/webhooks/generic",
+                                       {"agent": "sleeper", "message": f"m{i}", "response_mode": "async"},
+                                       {"X-Webhook-Secret": "shared-secret"})
+            assert status == 202, body
+            accepted.append(body["delivery_id"])
+        for d in accepted[::10]:  # ?wait= answers whichever worker runs the job
+            assert box.request("GET", f"/api/deliveries/{d}?wait=20", headers=ADMIN)[1]["status"] == "succeeded"
+        records = [box.request("GET", f"/api/deliveries/{d}", headers=ADMIN)[1] for d in accepted]
+        assert eventually(lambda: all(box.request("GET", f"/api/deliveries/{r['id']}", headers=ADMIN)[1]["status"]
+                                      == "succeeded" for r in records), timeout=30)  # none lost, none failed
+        assert len(children_of(box.proc.pid)) == 2  # the killed one was started again
+        status, listed = box.request("GET", "/api/deliveries?webhook=generic&limit=1000", headers=ADMIN)
+        assert len(listed["deliveries"]) == 300
+    finally:
+        box.stop()
+    assert box.proc.returncode == 0 and not children_of(box.proc.pid)
+    assert os.listdir(tmp_path / "data" / "workers") == []  # each worker took its lock file with it
+
+
+def test_serve_processes_on_a_data_directory_run_a_sender_id_once_and_leave_nothing_behind(tmp_path):
+    box = workers_box(tmp_path)
+    try:
+        assert box.request("POST", "/api/webhooks", {"name": "gh", "secret": "s", "response_mode": "async",
+                                                     "agent": "sleeper"}, ADMIN)[0] == 201
+        barrier, answers = threading.Barrier(8), []
+
+        def send():
+            barrier.wait()
+            answers.append(box.request("POST", "/api/webhooks/gh", {"message": "once"},
+                                       {"X-Webhook-Secret": "s", "X-GitHub-Delivery": "same-guid"}))
+
+        threads = [threading.Thread(target=send) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(status for status, _ in answers) == [200] * 7 + [202], answers  # none 404: gh is known to both
+        queued = next(body for status, body in answers if status == 202)
+        assert {body["delivery_id"] for _, body in answers} == {queued["delivery_id"]}
+        slow = [box.request("POST", "/api/webhooks/generic", {"agent": "sleeper", "message": f"m{i}",
+                                                              "response_mode": "async"},
+                            {"X-Webhook-Secret": "shared-secret"})[1]["delivery_id"] for i in range(200)]
+    finally:
+        box.stop()  # SIGTERM while jobs wait: each worker gives its unfinished ones back
+    single = ServeProcess(None, str(tmp_path / "data"))  # one process now: it runs what the workers left
+    try:
+        assert all(single.request("GET", f"/api/deliveries/{d}?wait=20", headers=ADMIN)[1]["status"] == "succeeded"
+                   for d in slow)
+    finally:
+        single.stop()
+
+
+def test_serve_processes_with_tls_says_to_terminate_it_in_front(runner, restore_logging, tmp_path):
     for name in ("cert.pem", "key.pem"):
         (tmp_path / name).write_text("")
-    result = runner("--database-url", "postgresql://nobody@127.0.0.1:1/none", "serve", "--port", "0", "--processes", "2",
+    result = runner("serve", "--port", "0", "--processes", "2",
                     "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"))
     assert result.exit_code == 2 and "--processes above 1 does not take --tls-cert yet" in result.output
 
