@@ -3010,7 +3010,7 @@ class DeliveryLog(DeliveryStore):
 
     def wait(self, delivery_id: str, timeout: float) -> sqlite3.Row | None:
         """Return the delivery once it is finished, or as it is when ``timeout`` passes."""
-        deadline, pause = time.monotonic() + timeout, min(0.02, self.poll)
+        deadline, pause = time.monotonic() + timeout, 0.02 if self.poll < math.inf else math.inf
         while True:
             with self._committed:
                 seen = self._commits
@@ -3143,7 +3143,7 @@ class SharedDeliveryLog(DeliveryLog):
         owners = {r[0] for r in self.query(
             "SELECT DISTINCT owner FROM deliveries WHERE status IN ('queued', 'running') "
             "UNION SELECT DISTINCT owner FROM replies WHERE status = 'queued'")}
-        files = {f for f in os.listdir(self._lock_file("")) if self.OWNER.fullmatch(f)}
+        files = {f for f in os.listdir(self._dir) if self.OWNER.fullmatch(f)}  # made by start()
         gone = [o for o in owners | files if o != self.owner and self._gone(o)]
         named = [o for o in gone if o is not None]
         if not (owners & set(gone)) or self._stopping.is_set():
