@@ -62,6 +62,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -566,6 +567,96 @@ class Vault:
         return self.file.update(change)
 
 
+
+# --- memory shared by the worker processes of serve --processes ---
+
+class Tally:
+    """Named numbers one process adds to (counters, sums, last-seen times), kept in a region of memory.
+
+    With ``serve --processes N`` each worker has its own region, in memory the supervisor mapped before
+    forking; any worker reads every region (``/metrics`` sums them), and a worker started in place of a
+    dead one goes on from its numbers, so counters never go back. The layout is append-only: an 8-byte
+    length in use, then entries ``[u32 key length][key][pad to 8][f64 value]``; one writer per region
+    (its worker, under the caller's lock), readers that look only below the length in use.
+    """
+
+    HEAD = struct.Struct("<Q")
+    LENGTH = struct.Struct("<I")
+    VALUE = struct.Struct("<d")
+    SIZE = 1 << 20  # per process: room for about 15,000 keys (routes x statuses, webhooks x schemes...)
+
+    def __init__(self, regions: list | None = None, index: int = 0):
+        self.regions = regions if regions is not None else [mmap.mmap(-1, self.SIZE)]
+        self.index = index
+        self._mine = self.regions[index]
+        self._offsets: list[dict] = [{} for _ in self.regions]  # per region: key -> offset of its value
+        self._parsed = [self.HEAD.size] * len(self.regions)  # per region: how far its entries were read
+        self._overflow: dict = {}  # keys that found no room: counted in this process only
+        self._refresh(index)  # numbers a dead worker left in this region
+
+    def add(self, key: str, n: float = 1.0) -> None:
+        offset = self._offsets[self.index].get(key)
+        if offset is None and (offset := self._append(key)) is None:
+            self._overflow[key] = self._overflow.get(key, 0.0) + n
+            return
+        self.VALUE.pack_into(self._mine, offset, self.VALUE.unpack_from(self._mine, offset)[0] + n)
+
+    def put(self, key: str, value: float) -> None:
+        offset = self._offsets[self.index].get(key)
+        if offset is None and (offset := self._append(key)) is None:
+            self._overflow[key] = value
+            return
+        self.VALUE.pack_into(self._mine, offset, value)
+
+    def largest(self, key: str) -> float:
+        """The largest value of ``key`` over every region (0 when none has it)."""
+        best = self._overflow.get(key, 0.0)
+        for i, region in enumerate(self.regions):
+            self._refresh(i)
+            offset = self._offsets[i].get(key)
+            if offset is not None:
+                best = max(best, self.VALUE.unpack_from(region, offset)[0])
+        return best
+
+    def totals(self) -> dict[str, float]:
+        """Every key, summed over the regions."""
+        out = dict(self._overflow)
+        for i, region in enumerate(self.regions):
+            self._refresh(i)
+            for key, offset in self._offsets[i].items():
+                out[key] = out.get(key, 0.0) + self.VALUE.unpack_from(region, offset)[0]
+        return out
+
+    def _append(self, key: str) -> int | None:
+        raw = key.encode()
+        used = self.HEAD.unpack_from(self._mine)[0] or self.HEAD.size
+        offset = used + (self.LENGTH.size + len(raw) + 7) // 8 * 8
+        if offset + self.VALUE.size > len(self._mine):
+            if not self._overflow:
+                log.warning("metrics: no room left for new keys; %r and later ones are counted in this process only", key)
+            return None
+        self.LENGTH.pack_into(self._mine, used, len(raw))
+        self._mine[used + self.LENGTH.size:used + self.LENGTH.size + len(raw)] = raw
+        self.VALUE.pack_into(self._mine, offset, 0.0)
+        self.HEAD.pack_into(self._mine, 0, offset + self.VALUE.size)  # last: readers see whole entries only
+        self._offsets[self.index][key] = offset
+        self._parsed[self.index] = offset + self.VALUE.size
+        return offset
+
+    def _refresh(self, i: int) -> None:
+        """Read the entries region ``i`` gained since last time (they are only ever appended)."""
+        region, at = self.regions[i], self._parsed[i]
+        used = min(self.HEAD.unpack_from(region)[0], len(region))
+        while at + self.LENGTH.size <= used:
+            length = self.LENGTH.unpack_from(region, at)[0]
+            offset = at + (self.LENGTH.size + length + 7) // 8 * 8
+            if offset + self.VALUE.size > used:
+                break  # a torn read of an entry being written: next time
+            self._offsets[i][bytes(region[at + self.LENGTH.size:at + self.LENGTH.size + length]).decode()] = offset
+            at = offset + self.VALUE.size
+        self._parsed[i] = at
+
+
 # === Security ===
 
 
@@ -810,6 +901,52 @@ class RateLimiter:
             bucket[0] = tokens
             return (1 - tokens) / per_second
 
+
+
+class SharedRateLimiter(RateLimiter):
+    """Token buckets in memory shared by the worker processes of ``serve --processes`` (nginx's
+    ``limit_req`` zone, in small), so that N workers give a client its limit once, not N times, and a
+    client on one keep-alive connection (which stays with one worker) gets all of it.
+
+    A bucket is ``[key hash][tokens][last]``: the hash is Python's, the same in every worker (they
+    are forked from one supervisor); the clock is CLOCK_MONOTONIC, one for every process of a box.
+    A key looks at 8 slots from its hash: its own, else a free one, else the one idle longest.
+    """
+
+    SLOT = struct.Struct("<qdd")
+    PROBES = 8
+
+    def __init__(self, rate: tuple[float, float] | None, region: mmap.mmap, lock):
+        super().__init__(rate)
+        self.region, self._shared_lock = region, lock
+        self.slots = len(region) // self.SLOT.size
+
+    def take(self, key: str) -> float:
+        if self.rate is None:
+            return 0.0
+        per_second, burst = self.rate
+        h = hash(key) or 1  # 0 marks a free slot
+        start = h % self.slots
+        unpack, region, size = self.SLOT.unpack_from, self.region, self.SLOT.size
+        with self._lock, self._shared_lock:  # the thread lock first: threads of one worker queue here
+            now = time.monotonic()
+            chosen, tokens, oldest = None, burst, math.inf
+            for probe in range(self.PROBES):
+                offset = (start + probe) % self.slots * size
+                other, held, last = unpack(region, offset)
+                if other == h:
+                    chosen, tokens = offset, min(burst, held + (now - last) * per_second)
+                    break
+                if other == 0:  # free: the key is not further on either, as slots are never freed
+                    chosen = offset
+                    break
+                if last < oldest:
+                    chosen, oldest = offset, last
+            if tokens >= 1:
+                self.SLOT.pack_into(region, chosen, h, tokens - 1, now)
+                return 0.0
+            self.SLOT.pack_into(region, chosen, h, tokens, now)
+            return (1 - tokens) / per_second
 
 def _auth_scheme(authorization: str | None) -> str:
     return (authorization or "").strip().partition(" ")[0].lower()
@@ -3928,6 +4065,23 @@ def _pg_backend(url: str) -> Backend:
 # === Delivery engine ===
 
 
+class WorkerMemory:
+    """What the supervisor of ``serve --processes N`` maps before forking, shared by its workers: one
+    Tally region per worker slot, the rate limiters' buckets with their locks, and a counter per data
+    file that each write bumps (a change made through one worker is in force in the others at once)."""
+
+    LIMIT_SLOTS = 16384  # buckets per limiter (24 bytes each), as RateLimiter's max_keys
+
+    def __init__(self, processes: int, data_files: Iterable[str] = ()):
+        import multiprocessing  # only here: a one-process gateway does not pay for it
+
+        locks = multiprocessing.get_context("fork")
+        self.tallies = [mmap.mmap(-1, Tally.SIZE) for _ in range(processes)]
+        self.limits = {name: (mmap.mmap(-1, self.LIMIT_SLOTS * SharedRateLimiter.SLOT.size), locks.Lock())
+                       for name in ("ip", "webhook")}
+        self.generations = {path: mmap.mmap(-1, 8) for path in data_files}
+        self.index = 0  # the worker's slot: set in the worker, after the fork
+
 @dataclasses.dataclass
 class Options:
     """Settings of a running server (from ``serve``'s options)."""
@@ -3957,7 +4111,7 @@ class Options:
     keep_requests: bool = False  # keep every named webhook's requests (else only where "keep_requests": true)
     reload_interval: float = 0.5  # seconds between checks of the data files (the CLI signals its writes at once)
     processes: int = 1  # worker processes on one listening socket (serve --processes)
-    generations: dict = dataclasses.field(default_factory=dict)  # data file path -> its counter shared by the workers
+    shared: WorkerMemory | None = None  # serve --processes: what the supervisor shares with this worker
     ui: bool = True  # the operator's page at /ui
 
 
@@ -3968,88 +4122,89 @@ def backoff_delay(attempt: int, base: float) -> float:
 
 
 
-class Histogram:
-    """Cumulative buckets, a sum and a count (Prometheus text format)."""
-
-    def __init__(self, buckets: tuple):
-        self.buckets, self.counts, self.sum = buckets, [0] * (len(buckets) + 1), 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
-        self.sum += seconds
-
-    def lines(self, name: str, labels: str = "") -> list[str]:
-        out, total, sep = [], 0, "," if labels else ""
-        for bound, count in zip(self.buckets + (math.inf,), self.counts):
-            total += count
-            le = "+Inf" if bound == math.inf else f"{bound:g}"
-            out.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {total}')
-        tail = f"{{{labels}}}" if labels else ""
-        return out + [f"{name}_sum{tail} {self.sum:.6f}", f"{name}_count{tail} {total}"]
-
-
 class Metrics:
     """Counters and histograms, rendered in the Prometheus text format (``promtool check metrics`` clean).
 
-    Every label is bounded: routes come from the table, webhooks from the config, schemes and
-    statuses from fixed lists; never a delivery id.
+    The numbers live in a Tally: with ``serve --processes`` a scrape of any worker shows the sums over
+    all of them. Every label is bounded: routes come from the table, webhooks from the config, schemes
+    and statuses from fixed lists; never a delivery id. Keys are the label values joined by ``\\x1f``.
     """
 
     BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60)
 
-    def __init__(self):
+    def __init__(self, tally: Tally | None = None):
         self._lock = threading.Lock()
-        self.requests: dict = {}  # (route, status) -> n
-        self.durations: dict = {}  # route -> Histogram
-        self.deliveries: dict = {}  # status -> n (succeeded, failed, filtered, duplicate)
-        self.dead_letters = 0
-        self.signature_failures: dict = {}  # (webhook, scheme) -> n
-        self.agent = Histogram(self.BUCKETS)
+        self.tally = tally or Tally()
 
     def request(self, route: str, status: int, seconds: float | None = None) -> None:
         with self._lock:
-            key = (route, status)
-            self.requests[key] = self.requests.get(key, 0) + 1
+            self.tally.add(f"requests\x1f{route}\x1f{status}")
             if seconds is not None:
-                self.durations.setdefault(route, Histogram(self.BUCKETS)).observe(seconds)
+                self._observe(f"duration\x1f{route}", seconds)
 
     def delivery(self, status: str, seconds: float | None = None, dead: bool = False) -> None:
         with self._lock:
-            self.deliveries[status] = self.deliveries.get(status, 0) + 1
+            self.tally.add("deliveries\x1f" + status)
             if seconds is not None:
-                self.agent.observe(seconds)
+                self._observe("agent", seconds)
             if dead:
-                self.dead_letters += 1
+                self.tally.add("dead_letters")
 
     def signature_failure(self, webhook: str, scheme: str) -> None:
         with self._lock:
-            key = (webhook, scheme)
-            self.signature_failures[key] = self.signature_failures.get(key, 0) + 1
+            self.tally.add(f"signature_failures\x1f{webhook}\x1f{scheme}")
+
+    def finished(self, webhook: str, failed: bool) -> bool:
+        """Note how a delivery of ``webhook`` ended; True when it is the first success after a failure
+        (in any worker process): the webhook recovered."""
+        with self._lock:
+            recovered = not failed and self.tally.largest("failed_at\x1f" + webhook) > self.tally.largest("ok_at\x1f" + webhook)
+            self.tally.put(("failed_at\x1f" if failed else "ok_at\x1f") + webhook, time.monotonic())  # one clock per box
+            return recovered
+
+    def _observe(self, name: str, seconds: float) -> None:
+        self.tally.add(f"{name}\x1f{bisect.bisect_left(self.BUCKETS, seconds)}")
+        self.tally.add(f"{name}\x1fsum", seconds)
 
     def render(self, queue_depth: int, oldest_queued: float | None) -> str:
         def family(name: str, kind: str, text: str, samples: list[str]) -> list[str]:
             return [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples]
 
-        p = "moxxy_webhooks_"
+        def histogram(name: str, key: str, labels: str = "") -> list[str]:
+            out, total, sep = [], 0, "," if labels else ""
+            for i, bound in enumerate(self.BUCKETS + (math.inf,)):
+                total += int(values.get(f"{key}\x1f{i}", 0))
+                le = "+Inf" if bound == math.inf else f"{bound:g}"
+                out.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {total}')
+            tail, seconds = f"{{{labels}}}" if labels else "", values.get(f"{key}\x1fsum", 0.0)
+            return out + [f"{name}_sum{tail} {seconds:.6f}", f"{name}_count{tail} {total}"]
+
         with self._lock:
-            lines = family(p + "info", "gauge", "The running moxxy-webhooks version.", [f'{p}info{{version="{__version__}"}} 1'])
-            lines += family(p + "requests_total", "counter", "HTTP requests by route and status.",
-                            [f'{p}requests_total{{route="{r}",status="{c}"}} {n}' for (r, c), n in sorted(self.requests.items())])
-            lines += family(p + "request_duration_seconds", "histogram", "Time to answer an HTTP request, by route.",
-                            [x for r, h in sorted(self.durations.items()) for x in h.lines(p + "request_duration_seconds", f'route="{r}"')])
-            lines += family(p + "deliveries_total", "counter", "Deliveries by outcome (succeeded, failed, filtered, duplicate).",
-                            [f'{p}deliveries_total{{status="{c}"}} {n}' for c, n in sorted(self.deliveries.items())])
-            lines += family(p + "dead_letters_total", "counter", "Async deliveries that failed after every attempt.",
-                            [f"{p}dead_letters_total {self.dead_letters}"])
-            lines += family(p + "signature_failures_total", "counter",
-                            "Requests to a named webhook refused for a missing or wrong secret or signature.",
-                            [f'{p}signature_failures_total{{webhook="{w}",scheme="{c}"}} {n}'
-                             for (w, c), n in sorted(self.signature_failures.items())])
-            lines += family(p + "queue_depth", "gauge", "Async jobs waiting to run.", [f"{p}queue_depth {queue_depth}"])
-            lines += family(p + "oldest_queued_age_seconds", "gauge", "Age of the oldest job waiting to run (0 when none).",
-                            [f"{p}oldest_queued_age_seconds {max(0.0, oldest_queued or 0.0):.3f}"])
-            lines += family(p + "agent_duration_seconds", "histogram", "Time an agent took to answer.",
-                            self.agent.lines(p + "agent_duration_seconds"))
+            values = self.tally.totals()
+        by_kind: dict = {}
+        for key, value in sorted(values.items()):
+            kind, _, labels = key.partition("\x1f")
+            by_kind.setdefault(kind, []).append((labels.split("\x1f"), int(value)))
+        p = "moxxy_webhooks_"
+        routes = sorted({labels[0] for labels, _ in by_kind.get("duration", ())})
+        lines = family(p + "info", "gauge", "The running moxxy-webhooks version.", [f'{p}info{{version="{__version__}"}} 1'])
+        lines += family(p + "requests_total", "counter", "HTTP requests by route and status.",
+                        [f'{p}requests_total{{route="{r}",status="{c}"}} {n}' for (r, c), n in by_kind.get("requests", ())])
+        lines += family(p + "request_duration_seconds", "histogram", "Time to answer an HTTP request, by route.",
+                        [x for r in routes for x in histogram(p + "request_duration_seconds", "duration\x1f" + r, f'route="{r}"')])
+        lines += family(p + "deliveries_total", "counter", "Deliveries by outcome (succeeded, failed, filtered, duplicate).",
+                        [f'{p}deliveries_total{{status="{c}"}} {n}' for (c,), n in by_kind.get("deliveries", ())])
+        lines += family(p + "dead_letters_total", "counter", "Async deliveries that failed after every attempt.",
+                        [f"{p}dead_letters_total {int(values.get('dead_letters', 0))}"])
+        lines += family(p + "signature_failures_total", "counter",
+                        "Requests to a named webhook refused for a missing or wrong secret or signature.",
+                        [f'{p}signature_failures_total{{webhook="{w}",scheme="{c}"}} {n}'
+                         for (w, c), n in by_kind.get("signature_failures", ())])
+        lines += family(p + "queue_depth", "gauge", "Async jobs waiting to run.", [f"{p}queue_depth {queue_depth}"])
+        lines += family(p + "oldest_queued_age_seconds", "gauge", "Age of the oldest job waiting to run (0 when none).",
+                        [f"{p}oldest_queued_age_seconds {max(0.0, oldest_queued or 0.0):.3f}"])
+        lines += family(p + "agent_duration_seconds", "histogram", "Time an agent took to answer.",
+                        histogram(p + "agent_duration_seconds", "agent"))
         return "\n".join(lines) + "\n"
 
 
@@ -4077,7 +4232,6 @@ class DeliveryEngine:
                  metrics: Metrics, alert_targets: Callable[[str], Iterable[dict]] = lambda webhook: ()):
         self._open_store = open_store
         self.alert_targets = alert_targets  # webhook name -> its on_failure targets and the global ones
-        self._failing: set = set()  # webhooks whose last finished delivery failed (in this process)
         self.store: DeliveryStore | None = None  # opened by start()
         self.config = config
         self.options = options
@@ -4180,7 +4334,7 @@ class DeliveryEngine:
         self.metrics.delivery("succeeded", time.monotonic() - started)
         self.record(id=delivery_id, webhook=webhook, agent=agent.name, status="succeeded", attempts=1,
                     event=event, response=response, finished_at=clock(), **kept)
-        if webhook in self._failing:
+        if self.metrics.finished(webhook, failed=False):  # the first success after a failure
             self.alert(webhook, {**fields, "status": "succeeded"})
         return response
 
@@ -4281,7 +4435,7 @@ class DeliveryEngine:
                          finished_at=clock(), next_attempt_at=None)
         self.metrics.delivery(final["status"], time.monotonic() - started, dead=final["status"] == "failed")
         self._finish(dict(row), final)
-        if final["status"] == "failed" or row["webhook"] in self._failing:
+        if final["status"] == "failed" or self.metrics.finished(row["webhook"], failed=False):
             self.alert(row["webhook"], {**row, **final})
         if row["reply_to"]:
             record = public_delivery({**row, **final})
@@ -4334,9 +4488,7 @@ class DeliveryEngine:
         (durable replies, retried like reply_to); a Slack incoming webhook gets a Slack message."""
         failed = record["status"] == "failed"
         if failed:
-            self._failing.add(webhook)
-        else:
-            self._failing.discard(webhook)
+            self.metrics.finished(webhook, failed=True)
         targets = list(self.alert_targets(webhook))
         if not targets:
             return
@@ -5697,21 +5849,22 @@ class App:
         self.backend = backend or open_backend(paths)
         self.store = self.backend.config
         self.vault = self.backend.vault
+        shared = self.options.shared  # serve --processes: memory shared with the other workers
         for data_file in (self.store, self.vault.file):
             if isinstance(data_file, JsonFile):
                 data_file.check_interval = self.options.reload_interval
-                data_file.generation = self.options.generations.get(data_file.path)
-        self.metrics = Metrics()
+                data_file.generation = shared.generations.get(data_file.path) if shared else None
+        self.metrics = Metrics(Tally(shared.tallies, shared.index) if shared else None)
         self.engine = DeliveryEngine(self.backend.open_deliveries, self.store.current, self.options, self.metrics,
                                      self._failure_targets)
         rate = parse_rate(self.options.rate_limit)
-        # per IP: in memory (before authentication nothing touches storage), each of N worker processes
-        # taking 1/N of it, so that N processes do not mean N times the limit; per webhook: the backend's
-        n = max(1, self.options.processes)
-        ip_rate = (rate[0] / n, max(1.0, rate[1] / n)) if rate else None
-        self.ip_limiter = RateLimiter(ip_rate)
-        in_memory = self.backend.rate_limiter is RateLimiter  # a data directory: divided as the per-IP one is
-        self.hook_limiter = RateLimiter(ip_rate) if in_memory else self.backend.rate_limiter(rate)
+        # per IP: in memory (before authentication nothing touches storage), shared by the worker processes;
+        # per webhook: the backend's (PostgreSQL: in the database), else in memory like the per-IP one
+        def in_memory(name: str) -> RateLimiter:
+            return SharedRateLimiter(rate, *shared.limits[name]) if shared else RateLimiter(rate)
+
+        self.ip_limiter = in_memory("ip")
+        self.hook_limiter = in_memory("webhook") if self.backend.rate_limiter is RateLimiter else self.backend.rate_limiter(rate)
         self.platforms = Platforms(self.vault, self.engine, self.options.inline_window)
         self.routes = self._route_table()
         self._static = {(r.method, r.pattern.pattern): r for r in self.routes if "(" not in r.pattern.pattern}
@@ -6725,6 +6878,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         access_log.handle(record)
 
 
+def tls_context(options: Options) -> ssl.SSLContext:
+    """The server's TLS (1.2 and later) from --tls-cert and --tls-key; ssl.SSLError when they do not load."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(options.tls_cert, options.tls_key)
+    return context
+
+
 class Server(http.server.ThreadingHTTPServer):
     """A threading HTTP server with a connection cap, a request deadline watchdog and optional TLS."""
 
@@ -6739,11 +6900,7 @@ class Server(http.server.ThreadingHTTPServer):
         host = host if host is not None else self.options.host
         port = port if port is not None else self.options.port
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.ssl_context = None
-        if self.options.tls_cert:
-            self.ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self.ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
-            self.ssl_context.load_cert_chain(self.options.tls_cert, self.options.tls_key)
+        self.ssl_context = tls_context(self.options) if self.options.tls_cert else None
         self.stopping = False
         self._handlers: set = set()
         self._handlers_lock = threading.Lock()
@@ -7062,8 +7219,8 @@ def _configure_logging(level: str, fmt: str, log_file: str | None) -> None:
 @click.option("--keep-requests", is_flag=True,
               help="Keep every named webhook's requests (credentials removed) for inspection and replay.")
 @click.option("--no-ui", is_flag=True, help="Turn off the operator's page at /ui.")
-@click.option("--processes", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Worker processes sharing the port and the data directory or database.")
+@click.option("--processes", type=click.IntRange(1, 64), default=None, show_default="one per core, at most 8",
+              help="Worker processes sharing the port and the data directory or database (1: one process).")
 @click.option("--reload-interval", type=click.FloatRange(min=0), default=0.5, show_default=True,
               help="Seconds between checks of the data files for changes made by hand (0: at every request); "
                    "the CLI's own changes are signalled at once.")
@@ -7092,11 +7249,16 @@ def serve(state: CliState, **kw) -> None:
                       allow_api_exec=kw["allow_api_exec"], log_bodies=kw["log_bodies"],
                       metrics_admin=kw["metrics_admin"], tls_cert=kw["tls_cert"], tls_key=kw["tls_key"],
                       lease=kw["lease"], keep_requests=kw["keep_requests"], ui=not kw["no_ui"],
-                      reload_interval=kw["reload_interval"], processes=kw["processes"])
+                      reload_interval=kw["reload_interval"], processes=kw["processes"] or default_processes())
     running = None if state.database_url else running_server(state.paths)
     if running and running["pid"] != os.getpid():
         raise click.ClickException(f"a server (pid {running['pid']}) is already running on {state.paths.root} at "
                                    f"{running['url']}: stop it first, or use another --data-dir")
+    if options.tls_cert:  # here, not in each worker
+        try:
+            tls_context(options)
+        except ssl.SSLError as e:
+            raise click.ClickException(f"cannot use --tls-cert/--tls-key: {e.reason or e}") from None
     if options.processes > 1:
         _supervise(state, options, (kw["log_level"], kw["log_format"], kw["log_file"]))
         return
@@ -7105,28 +7267,11 @@ def serve(state: CliState, **kw) -> None:
         made = app.start()
     try:
         server = Server(app)
-    except ssl.SSLError as e:
-        app.stop(0)
-        raise click.ClickException(f"cannot use --tls-cert/--tls-key: {e.reason or e}") from None
     except OSError as e:
         app.stop(0)
         raise _cannot_listen(options, e) from None
     _first_start_hint(state, made)
-    with contextlib.suppress(VaultError):
-        if state.vault.get("discord_public_key") and not ed25519_available():
-            log.warning("discord_public_key is set but cryptography is not installed: "
-                        "/api/webhooks/discord answers 503 until you install moxxy-webhooks[discord]")
-    if state.database_url:
-        slow = sorted(a.name for a in app.store.current().agents.values() if a.timeout >= options.lease)
-        if slow:
-            log.warning("agents %s may run longer than --lease (%gs): a heartbeat keeps their lease, but if this "
-                        "gateway stalls, another one may run the job too", ", ".join(slow), options.lease)
-    else:
-        fs = network_filesystem(state.paths.root)
-        if fs:
-            log.warning("the data directory %s is on a network filesystem (%s): SQLite's locking and WAL do not "
-                        "work there; use a local disk, or PostgreSQL (--database-url) for several boxes", state.paths.root, fs)
-
+    _start_warnings(state, options)
     _on_signals(app, server, options)  # before server.json names this process
     _announce(state, server.url)
     try:
@@ -7144,6 +7289,30 @@ def _cannot_listen(options: Options, e: OSError) -> click.ClickException:
     else:
         hint = "--host must be an address of this machine, such as 127.0.0.1, 0.0.0.0 or ::"
     return click.ClickException(f"cannot listen on {options.host}:{options.port}: {e.strerror or e} ({hint})")
+
+
+def default_processes() -> int:
+    """One worker process per core this process may run on, at most 8 (``serve --processes``)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def _start_warnings(state: CliState, options: Options) -> None:
+    """What serve says at start about a set-up that will not work as one would think."""
+    with contextlib.suppress(VaultError):
+        if state.vault.get("discord_public_key") and not ed25519_available():
+            log.warning("discord_public_key is set but cryptography is not installed: "
+                        "/api/webhooks/discord answers 503 until you install moxxy-webhooks[discord]")
+    if state.database_url:
+        slow = sorted(a.name for a in state.store.current().agents.values() if a.timeout >= options.lease)
+        if slow:
+            log.warning("agents %s may run longer than --lease (%gs): a heartbeat keeps their lease, but if this "
+                        "gateway stalls, another one may run the job too", ", ".join(slow), options.lease)
+    else:
+        fs = network_filesystem(state.paths.root)
+        if fs:
+            log.warning("the data directory %s is on a network filesystem (%s): SQLite's locking and WAL do not "
+                        "work there; use a local disk, or PostgreSQL (--database-url) for several boxes", state.paths.root, fs)
 
 
 def _first_start_hint(state: CliState, made: list) -> None:
@@ -7165,13 +7334,15 @@ def _forget_server_json(state: CliState) -> None:
             os.unlink(state.paths.server)
 
 
-def _on_signals(app: App, server: Server, options: Options) -> None:
+def _on_signals(app: App, server: Server, options: Options, worker: bool = False) -> None:
     def on_signal(signum, frame):
         if signum == signal.SIGHUP:  # sent by the CLI after each change it writes
             app.reload()
             log.debug("SIGHUP: reloading the data directory")
             return
-        log.info("%s: stopping (grace %gs)", signal.Signals(signum).name, options.grace)
+        # a worker's signal comes from its supervisor, which said it already
+        log.log(logging.DEBUG if worker else logging.INFO, "%s: stopping (grace %gs)", signal.Signals(signum).name,
+                options.grace)
         # shutdown() blocks until serve_forever returns: never call it from the signal handler itself
         threading.Thread(target=server.stop, args=(options.grace,), daemon=True).start()
 
@@ -7195,9 +7366,8 @@ def _serve_until_stopped(app: App, server: Server, options: Options) -> None:
 def _supervise(state: CliState, options: Options, log_args: tuple) -> None:
     """serve --processes N: one listening socket, N worker processes forked from this supervisor,
     each a whole gateway on the shared database (claims, leases, dedupe and rate limits there).
-    A worker that dies is started again; SIGTERM drains them all, SIGHUP reloads them all."""
-    if options.tls_cert:
-        raise click.UsageError("--processes above 1 does not take --tls-cert yet: terminate TLS in front of it")
+    A worker that dies is started again; SIGTERM drains them all, SIGHUP reloads them all; a worker
+    whose supervisor was killed exits too."""
     family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
     try:
         sock = socket.create_server((options.host, options.port), family=family, backlog=128)
@@ -7210,17 +7380,21 @@ def _supervise(state: CliState, options: Options, log_args: tuple) -> None:
         made = state.vault.ensure_generated(["webhook_secret", "admin_token"])
         if not state.database_url:  # created (WAL, schema) once here: workers opening a new file at once collide
             connect_db(state.paths.db).close()
-            options.generations = {path: mmap.mmap(-1, 8) for path in (state.paths.webhooks, state.paths.vault)}
+    options.shared = WorkerMemory(options.processes, () if state.database_url else (state.paths.webhooks, state.paths.vault))
     _first_start_hint(state, made)
+    _start_warnings(state, options)
     host, port = sock.getsockname()[:2]
-    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    workers: dict = {}  # pid -> when it started
+    url = f"{'https' if options.tls_cert else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
+    alive, supervisor_alive = os.pipe()  # its write end is held by this process only: EOF when it is gone
+    workers: dict = {}  # pid -> (when it started, its slot in the shared memory)
     stopping = False
 
-    def spawn() -> None:
+    def spawn(index: int) -> None:
         pid = os.fork()
         if pid == 0:  # the worker: a fresh backend (no connection of the supervisor's), its own log writer
             code = 1
+            options.shared.index = index  # a worker started in a dead one's place goes on from its numbers
+            os.close(supervisor_alive)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # not the supervisor's, until its own
                 signal.signal(sig, signal.SIG_DFL)
             try:
@@ -7228,7 +7402,8 @@ def _supervise(state: CliState, options: Options, log_args: tuple) -> None:
                 app = App(state.paths, options, open_backend(state.paths, state.database_url))
                 app.start()
                 server = Server(app, sock=sock)
-                _on_signals(app, server, options)
+                _on_signals(app, server, options, worker=True)
+                threading.Thread(target=_exit_with_supervisor, args=(alive,), daemon=True, name="supervisor-watch").start()
                 _serve_until_stopped(app, server, options)
                 code = 0
             except BaseException:
@@ -7236,10 +7411,13 @@ def _supervise(state: CliState, options: Options, log_args: tuple) -> None:
             finally:
                 logging.shutdown()
                 os._exit(code)
-        workers[pid] = time.monotonic()
+        workers[pid] = (time.monotonic(), index)
 
     def on_signal(signum, frame):
         nonlocal stopping
+        if signum != signal.SIGHUP and not stopping:
+            log.info("%s: stopping %d worker processes (grace %gs)", signal.Signals(signum).name, len(workers),
+                     options.grace)
         stopping = stopping or signum != signal.SIGHUP
         for pid in list(workers):
             with contextlib.suppress(ProcessLookupError):
@@ -7247,8 +7425,8 @@ def _supervise(state: CliState, options: Options, log_args: tuple) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    for _ in range(options.processes):
-        spawn()
+    for index in range(options.processes):
+        spawn(index)
     _announce(state, url, f", {options.processes} worker processes")
     try:
         while workers:
@@ -7256,18 +7434,33 @@ def _supervise(state: CliState, options: Options, log_args: tuple) -> None:
                 pid, status = os.wait()
             except ChildProcessError:
                 break
-            started = workers.pop(pid, None)
+            started, index = workers.pop(pid, (None, None))
             if started is None or stopping:
                 continue
             log.warning("worker %d ended (%s): starting another", pid, os.waitstatus_to_exitcode(status))
             if time.monotonic() - started < 1.0:
                 time.sleep(1.0)  # a worker that cannot start must not be restarted in a tight loop
             if not stopping:
-                spawn()
+                spawn(index)
     finally:
         _forget_server_json(state)
         sock.close()
         log.info("stopped")
+
+
+def _exit_with_supervisor(fd: int) -> None:
+    """A worker's watch of its supervisor: the pipe reads end-of-file once the supervisor is gone.
+
+    Gone without stopping its workers, it was killed (``kill -9``): the workers go as abruptly, as one
+    gateway would (their agents are killed by their watchers, their jobs taken over at the next start),
+    rather than serve on with nobody to name them in server.json.
+    """
+    with contextlib.suppress(OSError):
+        while os.read(fd, 1):
+            pass
+    log.error("worker %d: the supervisor is gone: exiting", os.getpid())
+    logging.shutdown()
+    os._exit(70)
 
 
 def running_server(paths: Paths) -> dict | None:

@@ -24,6 +24,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import sqlite3
 import stat
 import subprocess
@@ -2385,12 +2386,13 @@ class ServeProcess:
 
     def __init__(self, url: str | None, data: str, *args):  # url None: on the data directory alone
         database = ["--database-url", url] if url else []
+        one = [] if "--processes" in args else ["--processes", "1"]  # one gateway each, unless the test says
         self.proc = subprocess.Popen([PY, MODULE, "--data-dir", data, *database, "serve", "--port", "0",
-                                      "--rate-limit", "off", "--log-level", "warning", *args],
+                                      "--rate-limit", "off", "--log-level", "warning", *one, *args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.url = None
         for line in self.proc.stderr:
-            m = re.search(r"listening on (http://\S+)", line)
+            m = re.search(r"listening on (https?://\S+)", line)
             if m:
                 self.url = m.group(1)
                 break
@@ -2620,12 +2622,20 @@ def test_serve_processes_on_a_data_directory_run_a_sender_id_once_and_leave_noth
         single.stop()
 
 
-def test_serve_processes_with_tls_says_to_terminate_it_in_front(runner, restore_logging, tmp_path):
-    for name in ("cert.pem", "key.pem"):
-        (tmp_path / name).write_text("")
-    result = runner("serve", "--port", "0", "--processes", "2",
-                    "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"))
-    assert result.exit_code == 2 and "--processes above 1 does not take --tls-cert yet" in result.output
+def test_serve_processes_serve_https_from_their_workers(tmp_path):
+    cert, key = _self_signed(tmp_path)
+    box = workers_box(tmp_path, "--tls-cert", cert, "--tls-key", key)
+    try:
+        assert box.url.startswith("https://")
+        context = ssl.create_default_context(cafile=cert)
+        for _ in range(10):  # a connection each: the kernel hands them to either worker
+            conn = http.client.HTTPSConnection("127.0.0.1", box.port, context=context, timeout=10)
+            conn.request("GET", "/healthz")
+            assert conn.getresponse().status == 200
+            conn.close()
+    finally:
+        box.stop()
+    assert box.proc.returncode == 0
 
 
 # === Delivery engine ===
@@ -6275,8 +6285,6 @@ def _self_signed(tmp_path):
 
 
 def test_tls_serves_https_with_tls_1_2_at_least(gateway, tmp_path):
-    import ssl
-
     cert, key = _self_signed(tmp_path)
     g = gateway(tls_cert=cert, tls_key=key)
     assert g.server.url.startswith("https://")
