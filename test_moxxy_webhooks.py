@@ -17,6 +17,7 @@ import http.server
 import io
 import json
 import logging
+import mmap
 import os
 import queue
 import re
@@ -616,6 +617,34 @@ def test_a_data_file_is_checked_once_per_interval_and_a_write_through_it_is_seen
     assert set(served.current().webhooks) == {"first", "second"}
 
 
+# --- memory shared by worker processes ---
+
+
+def test_a_tally_is_summed_over_the_workers_and_a_successor_goes_on_from_its_slot():
+    regions = [mmap.mmap(-1, mw.Tally.SIZE) for _ in range(2)]
+    first, second = mw.Tally(regions, 0), mw.Tally(regions, 1)
+    first.add("requests\x1fgeneric\x1f200", 2)
+    second.add("requests\x1fgeneric\x1f200", 3)
+    second.put("seen\x1fgh", 7.5)
+    assert first.totals() == {"requests\x1fgeneric\x1f200": 5, "seen\x1fgh": 7.5}
+    assert first.largest("seen\x1fgh") == 7.5 and first.largest("never") == 0
+    successor = mw.Tally(regions, 1)  # started in place of the second, after it died
+    successor.add("requests\x1fgeneric\x1f200")
+    assert second.totals()["requests\x1fgeneric\x1f200"] == 6  # never back to what one worker counted
+
+
+def test_a_full_tally_counts_new_keys_in_its_own_process_and_says_so_once(caplog):
+    tally = mw.Tally([mmap.mmap(-1, 64)])
+    with caplog.at_level(logging.WARNING, logger="moxxy_webhooks"):
+        for i in range(10):
+            tally.add(f"key-{i}")
+            tally.add(f"key-{i}")
+    assert tally.totals() == {f"key-{i}": 2 for i in range(10)}
+    assert [r.getMessage() for r in caplog.records].count(
+        "metrics: no room left for new keys; 'key-2' and later ones are counted in this process only") == 1
+
+
+
 # === Security ===
 
 
@@ -1095,6 +1124,32 @@ def test_rate_limiter_is_bounded():
     for i in range(10):
         assert limiter.take(f"10.0.0.{i}") == 0.0
     assert len(limiter._buckets) <= 3
+
+
+def test_shared_buckets_give_a_client_its_limit_once_across_processes():
+    memory = mw.WorkerMemory(2)
+    limiter = mw.SharedRateLimiter((0.001, 5.0), *memory.limits["ip"])  # a burst of 5, then nearly nothing
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # another worker process: the same buckets, the same lock
+        try:
+            os.write(writer, bytes([sum(limiter.take("10.0.0.1") == 0.0 for _ in range(3))]))
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    theirs = os.read(reader, 1)[0]
+    os.close(reader), os.close(writer)
+    ours = sum(limiter.take("10.0.0.1") == 0.0 for _ in range(3))
+    assert (theirs, ours) == (3, 2)  # 5 in all, not 5 each
+    assert limiter.take("10.0.0.2") == 0.0  # buckets are per key
+
+
+def test_shared_buckets_are_bounded_and_make_room_for_new_keys():
+    memory = mw.WorkerMemory(1)
+    _, lock = memory.limits["ip"]
+    limiter = mw.SharedRateLimiter((1.0, 1.0), mmap.mmap(-1, 8 * mw.SharedRateLimiter.SLOT.size), lock)
+    assert all(limiter.take(f"10.0.0.{i}") == 0.0 for i in range(50))  # 8 slots: the idlest bucket gives way
+    assert limiter.take("10.0.0.49") > 0  # the newest is still there, and empty
 
 
 # === Transform ===
@@ -2638,7 +2693,49 @@ def test_serve_processes_serve_https_from_their_workers(tmp_path):
     assert box.proc.returncode == 0
 
 
+def test_serve_processes_count_and_limit_as_one_gateway(tmp_path):
+    box = workers_box(tmp_path, "--rate-limit", "10/m")  # a burst of 10 per client, then one each 6 s
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", box.port, timeout=10)  # one keep-alive client: one worker
+        statuses = []
+        for i in range(12):
+            conn.request("POST", "/api/webhooks/generic", body=json.dumps({"message": f"m{i}"}).encode(),
+                         headers={"X-Webhook-Secret": "shared-secret"})
+            resp = conn.getresponse()
+            resp.read()
+            statuses.append(resp.status)
+        conn.close()
+        assert statuses == [200] * 10 + [429] * 2  # the whole limit on one connection, not a worker's share of it
+        for _ in range(6):  # new connections, to either worker: the same bucket
+            assert box.request("POST", "/api/webhooks/generic", {"message": "more"},
+                               {"X-Webhook-Secret": "shared-secret"})[0] == 429
+        def scrape() -> str:
+            with urllib.request.urlopen(f"{box.url}/metrics", timeout=10) as resp:  # a connection each
+                return resp.read().decode()
+
+        scrapes = {tuple(line for line in scrape().splitlines() if '_requests_total{route="/api/webhooks/generic"' in line)
+                   for _ in range(6)}  # whichever worker answers shows the gateway's numbers
+        assert scrapes == {('moxxy_webhooks_requests_total{route="/api/webhooks/generic",status="200"} 10',
+                            'moxxy_webhooks_requests_total{route="/api/webhooks/generic",status="429"} 8')}
+        os.kill(min(children_of(box.proc.pid)), signal.SIGKILL)
+        assert eventually(lambda: len(children_of(box.proc.pid)) == 2, timeout=10)
+        assert all('moxxy_webhooks_deliveries_total{status="succeeded"} 10' in scrape()
+                   for _ in range(4))  # the killed worker's successor goes on from its numbers
+    finally:
+        box.stop()
+
+
 # === Delivery engine ===
+
+
+def test_a_recovery_is_seen_by_any_worker_after_a_failure_in_another():
+    regions = [mmap.mmap(-1, mw.Tally.SIZE) for _ in range(2)]
+    one, other = mw.Metrics(mw.Tally(regions, 0)), mw.Metrics(mw.Tally(regions, 1))
+    assert other.finished("gh", failed=False) is False  # nothing failed yet
+    one.finished("gh", failed=True)
+    assert other.finished("gh", failed=False) is True  # the first success after it, in the other worker
+    assert one.finished("gh", failed=False) is False  # told once
+    assert one.finished("gl", failed=False) is False
 
 
 # --- deliveries, retries, restarts ---
@@ -7995,7 +8092,9 @@ def test_readme_runs_top_to_bottom(tmp_path, recorder):
     (bin_dir / "moxxy-webhooks").chmod(0o755)
     with open(README, encoding="utf-8") as f:
         text = f.read()
-    for shown_as, here in (("17890", str(port)), ("https://api.telegram.org", telegram.url),
+    processes = mw.default_processes()  # the README shows a 2-core box
+    for shown_as, here in ((", 2 worker processes\n", f", {processes} worker processes\n" if processes > 1 else "\n"),
+                           ("17890", str(port)), ("https://api.telegram.org", telegram.url),
                            ("https://your-server", f"http://127.0.0.1:{port}"), ("/home/me", str(home))):
         text = text.replace(shown_as, here)
     script, where, consoles = readme_script(text, str(work))
