@@ -571,77 +571,87 @@ class Vault:
 # --- memory shared by the worker processes of serve --processes ---
 
 class Tally:
-    """Named numbers one process adds to (counters, sums, last-seen times), kept in a region of memory.
+    """Named numbers one process adds to (counters, sums, times), and, with ``serve --processes N``,
+    publishes in a region of memory the supervisor mapped before forking, one region per worker.
 
-    With ``serve --processes N`` each worker has its own region, in memory the supervisor mapped before
-    forking; any worker reads every region (``/metrics`` sums them), and a worker started in place of a
-    dead one goes on from its numbers, so counters never go back. The layout is append-only: an 8-byte
-    length in use, then entries ``[u32 key length][key][pad to 8][f64 value]``; one writer per region
-    (its worker, under the caller's lock), readers that look only below the length in use.
+    Any worker reads every region (``/metrics`` sums them), and a worker started in place of a dead
+    one goes on from its region's numbers, so counters never go back. Adding is a dict update in the
+    caller's lock, as cheap as without workers; ``publish()`` (every quarter of a second) copies the
+    numbers into the region, and ``put()`` writes through at once. The region is append-only: an
+    8-byte length in use, then entries ``[u32 key length][key][pad to 8][f64 value]``, one writer
+    (its worker), readers that look only below the length in use.
     """
 
     HEAD = struct.Struct("<Q")
     LENGTH = struct.Struct("<I")
     VALUE = struct.Struct("<d")
-    SIZE = 1 << 20  # per process: room for about 15,000 keys (routes x statuses, webhooks x schemes...)
+    SIZE = 1 << 20  # per worker: room for about 15,000 keys (routes x statuses, webhooks x schemes...)
 
     def __init__(self, regions: list | None = None, index: int = 0):
-        self.regions = regions if regions is not None else [mmap.mmap(-1, self.SIZE)]
+        self.regions = regions or []  # none: one process, its numbers in this dict alone
         self.index = index
-        self._mine = self.regions[index]
         self._offsets: list[dict] = [{} for _ in self.regions]  # per region: key -> offset of its value
         self._parsed = [self.HEAD.size] * len(self.regions)  # per region: how far its entries were read
-        self._overflow: dict = {}  # keys that found no room: counted in this process only
-        self._refresh(index)  # numbers a dead worker left in this region
+        self.values: dict[str, float] = {}
+        if self.regions:  # the numbers a dead worker left in this slot
+            self._refresh(index)
+            mine = self.regions[index]
+            self.values = {k: self.VALUE.unpack_from(mine, at)[0] for k, at in self._offsets[index].items()}
+        self._full = False
 
     def add(self, key: str, n: float = 1.0) -> None:
-        offset = self._offsets[self.index].get(key)
-        if offset is None and (offset := self._append(key)) is None:
-            self._overflow[key] = self._overflow.get(key, 0.0) + n
-            return
-        self.VALUE.pack_into(self._mine, offset, self.VALUE.unpack_from(self._mine, offset)[0] + n)
+        self.values[key] = self.values.get(key, 0.0) + n
 
     def put(self, key: str, value: float) -> None:
-        offset = self._offsets[self.index].get(key)
-        if offset is None and (offset := self._append(key)) is None:
-            self._overflow[key] = value
-            return
-        self.VALUE.pack_into(self._mine, offset, value)
+        """Set ``key`` and publish it now (what the other workers must see at once)."""
+        self.values[key] = value
+        if self.regions:
+            self._write(key, value)
 
-    def largest(self, key: str) -> float:
-        """The largest value of ``key`` over every region (0 when none has it)."""
-        best = self._overflow.get(key, 0.0)
+    def publish(self) -> None:
+        for key, value in self.values.items():
+            self._write(key, value)
+
+    def latest(self, key: str) -> float:
+        """Of ``key``'s values over the workers, the one furthest from 0 (0 when none has it)."""
+        best = self.values.get(key, 0.0)
         for i, region in enumerate(self.regions):
-            self._refresh(i)
-            offset = self._offsets[i].get(key)
-            if offset is not None:
-                best = max(best, self.VALUE.unpack_from(region, offset)[0])
+            if i != self.index:
+                self._refresh(i)
+                offset = self._offsets[i].get(key)
+                if offset is not None and abs(value := self.VALUE.unpack_from(region, offset)[0]) > abs(best):
+                    best = value
         return best
 
     def totals(self) -> dict[str, float]:
-        """Every key, summed over the regions."""
-        out = dict(self._overflow)
+        """Every key, summed over the workers (this one's numbers as they are now)."""
+        out = dict(self.values)
         for i, region in enumerate(self.regions):
-            self._refresh(i)
-            for key, offset in self._offsets[i].items():
-                out[key] = out.get(key, 0.0) + self.VALUE.unpack_from(region, offset)[0]
+            if i != self.index:
+                self._refresh(i)
+                for key, offset in self._offsets[i].items():
+                    out[key] = out.get(key, 0.0) + self.VALUE.unpack_from(region, offset)[0]
         return out
 
-    def _append(self, key: str) -> int | None:
-        raw = key.encode()
-        used = self.HEAD.unpack_from(self._mine)[0] or self.HEAD.size
-        offset = used + (self.LENGTH.size + len(raw) + 7) // 8 * 8
-        if offset + self.VALUE.size > len(self._mine):
-            if not self._overflow:
-                log.warning("metrics: no room left for new keys; %r and later ones are counted in this process only", key)
-            return None
-        self.LENGTH.pack_into(self._mine, used, len(raw))
-        self._mine[used + self.LENGTH.size:used + self.LENGTH.size + len(raw)] = raw
-        self.VALUE.pack_into(self._mine, offset, 0.0)
-        self.HEAD.pack_into(self._mine, 0, offset + self.VALUE.size)  # last: readers see whole entries only
-        self._offsets[self.index][key] = offset
-        self._parsed[self.index] = offset + self.VALUE.size
-        return offset
+    def _write(self, key: str, value: float) -> None:
+        mine, offset = self.regions[self.index], self._offsets[self.index].get(key)
+        if offset is None:
+            raw = key.encode()
+            used = self.HEAD.unpack_from(mine)[0] or self.HEAD.size
+            offset = used + (self.LENGTH.size + len(raw) + 7) // 8 * 8
+            if offset + self.VALUE.size > len(mine):
+                if not self._full:
+                    self._full = True
+                    log.warning("metrics: no room left for new keys; %r and later ones are counted in this worker only", key)
+                return
+            self.LENGTH.pack_into(mine, used, len(raw))
+            mine[used + self.LENGTH.size:used + self.LENGTH.size + len(raw)] = raw
+            self.VALUE.pack_into(mine, offset, value)
+            self.HEAD.pack_into(mine, 0, offset + self.VALUE.size)  # last: readers see whole entries only
+            self._offsets[self.index][key] = offset
+            self._parsed[self.index] = offset + self.VALUE.size
+            return
+        self.VALUE.pack_into(mine, offset, value)
 
     def _refresh(self, i: int) -> None:
         """Read the entries region ``i`` gained since last time (they are only ever appended)."""
@@ -655,7 +665,6 @@ class Tally:
             self._offsets[i][bytes(region[at + self.LENGTH.size:at + self.LENGTH.size + length]).decode()] = offset
             at = offset + self.VALUE.size
         self._parsed[i] = at
-
 
 # === Security ===
 
@@ -4132,19 +4141,30 @@ class Metrics:
 
     BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60)
 
-    def __init__(self, tally: Tally | None = None):
+    def __init__(self, tally: Tally | None = None, publish_every: float = 0.25):
         self._lock = threading.Lock()
         self.tally = tally or Tally()
+        if len(self.tally.regions) > 1:  # serve --processes: the other workers read what this one publishes
+            threading.Thread(target=self._publish, args=(publish_every,), daemon=True, name="metrics").start()
+
+    def _publish(self, every: float) -> None:
+        while True:
+            time.sleep(every)
+            with self._lock:
+                self.tally.publish()
 
     def request(self, route: str, status: int, seconds: float | None = None) -> None:
+        values = self.tally.values  # on every request: dict updates, inlined
+        key = f"requests\x1f{route}\x1f{status}"
         with self._lock:
-            self.tally.add(f"requests\x1f{route}\x1f{status}")
+            values[key] = values.get(key, 0) + 1
             if seconds is not None:
                 self._observe(f"duration\x1f{route}", seconds)
 
     def delivery(self, status: str, seconds: float | None = None, dead: bool = False) -> None:
+        values, key = self.tally.values, "deliveries\x1f" + status
         with self._lock:
-            self.tally.add("deliveries\x1f" + status)
+            values[key] = values.get(key, 0) + 1
             if seconds is not None:
                 self._observe("agent", seconds)
             if dead:
@@ -4156,15 +4176,27 @@ class Metrics:
 
     def finished(self, webhook: str, failed: bool) -> bool:
         """Note how a delivery of ``webhook`` ended; True when it is the first success after a failure
-        (in any worker process): the webhook recovered."""
+        (in any worker process): the webhook recovered.
+
+        Each worker keeps the time of its last change of state, positive for a failure and negative for
+        a recovery (CLOCK_MONOTONIC, one clock per box); the latest over the workers says the state.
+        """
+        key = "health\x1f" + webhook
+        if not failed and self.tally.latest(key) <= 0:  # the common case, without the lock: reads only
+            return False
         with self._lock:
-            recovered = not failed and self.tally.largest("failed_at\x1f" + webhook) > self.tally.largest("ok_at\x1f" + webhook)
-            self.tally.put(("failed_at\x1f" if failed else "ok_at\x1f") + webhook, time.monotonic())  # one clock per box
-            return recovered
+            if failed:
+                self.tally.put(key, time.monotonic())
+                return False
+            if self.tally.latest(key) > 0:  # again, under the lock: one recovery per worker
+                self.tally.put(key, -time.monotonic())
+                return True
+            return False
 
     def _observe(self, name: str, seconds: float) -> None:
-        self.tally.add(f"{name}\x1f{bisect.bisect_left(self.BUCKETS, seconds)}")
-        self.tally.add(f"{name}\x1fsum", seconds)
+        values, bucket, total = self.tally.values, f"{name}\x1f{bisect.bisect_left(self.BUCKETS, seconds)}", name + "\x1fsum"
+        values[bucket] = values.get(bucket, 0) + 1
+        values[total] = values.get(total, 0) + seconds
 
     def render(self, queue_depth: int, oldest_queued: float | None) -> str:
         def family(name: str, kind: str, text: str, samples: list[str]) -> list[str]:

@@ -625,24 +625,30 @@ def test_a_tally_is_summed_over_the_workers_and_a_successor_goes_on_from_its_slo
     first, second = mw.Tally(regions, 0), mw.Tally(regions, 1)
     first.add("requests\x1fgeneric\x1f200", 2)
     second.add("requests\x1fgeneric\x1f200", 3)
-    second.put("seen\x1fgh", 7.5)
-    assert first.totals() == {"requests\x1fgeneric\x1f200": 5, "seen\x1fgh": 7.5}
-    assert first.largest("seen\x1fgh") == 7.5 and first.largest("never") == 0
+    assert first.totals() == {"requests\x1fgeneric\x1f200": 2}  # the second has not published yet
+    second.publish()
+    second.put("health\x1fgh", -7.5)  # at once
+    assert first.totals() == {"requests\x1fgeneric\x1f200": 5, "health\x1fgh": -7.5}
+    first.put("health\x1fgh", 3.0)
+    assert first.latest("health\x1fgh") == -7.5 and second.latest("health\x1fgh") == -7.5
+    assert first.latest("never") == 0
     successor = mw.Tally(regions, 1)  # started in place of the second, after it died
     successor.add("requests\x1fgeneric\x1f200")
-    assert second.totals()["requests\x1fgeneric\x1f200"] == 6  # never back to what one worker counted
+    successor.publish()
+    assert first.totals()["requests\x1fgeneric\x1f200"] == 6  # never back to what one worker counted
 
 
-def test_a_full_tally_counts_new_keys_in_its_own_process_and_says_so_once(caplog):
-    tally = mw.Tally([mmap.mmap(-1, 64)])
+def test_a_full_tally_counts_new_keys_in_its_own_worker_and_says_so_once(caplog):
+    regions = [mmap.mmap(-1, 64), mmap.mmap(-1, 64)]
+    tally, other = mw.Tally(regions, 0), mw.Tally(regions, 1)
     with caplog.at_level(logging.WARNING, logger="moxxy_webhooks"):
         for i in range(10):
-            tally.add(f"key-{i}")
-            tally.add(f"key-{i}")
+            tally.add(f"key-{i}", 2)
+            tally.publish()
     assert tally.totals() == {f"key-{i}": 2 for i in range(10)}
+    assert other.totals() == {"key-0": 2, "key-1": 2}  # what found room
     assert [r.getMessage() for r in caplog.records].count(
-        "metrics: no room left for new keys; 'key-2' and later ones are counted in this process only") == 1
-
+        "metrics: no room left for new keys; 'key-2' and later ones are counted in this worker only") == 1
 
 
 # === Security ===
@@ -2713,10 +2719,13 @@ def test_serve_processes_count_and_limit_as_one_gateway(tmp_path):
             with urllib.request.urlopen(f"{box.url}/metrics", timeout=10) as resp:  # a connection each
                 return resp.read().decode()
 
-        scrapes = {tuple(line for line in scrape().splitlines() if '_requests_total{route="/api/webhooks/generic"' in line)
-                   for _ in range(6)}  # whichever worker answers shows the gateway's numbers
-        assert scrapes == {('moxxy_webhooks_requests_total{route="/api/webhooks/generic",status="200"} 10',
-                            'moxxy_webhooks_requests_total{route="/api/webhooks/generic",status="429"} 8')}
+        def generic() -> tuple:
+            return tuple(line for line in scrape().splitlines() if '_requests_total{route="/api/webhooks/generic"' in line)
+
+        both = ('moxxy_webhooks_requests_total{route="/api/webhooks/generic",status="200"} 10',
+                'moxxy_webhooks_requests_total{route="/api/webhooks/generic",status="429"} 8')
+        # whichever worker answers shows the gateway's numbers, once they are published (every 0.25 s)
+        assert eventually(lambda: all(generic() == both for _ in range(6))), generic()
         os.kill(min(children_of(box.proc.pid)), signal.SIGKILL)
         assert eventually(lambda: len(children_of(box.proc.pid)) == 2, timeout=10)
         assert all('moxxy_webhooks_deliveries_total{status="succeeded"} 10' in scrape()

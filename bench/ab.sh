@@ -5,6 +5,7 @@
 # difference that holds in every round means something. Use it before and after a hot-path change.
 # LOG_LEVEL=info turns the access log on (to a file), as a production gateway would run;
 # OLD_LOG_LEVEL=warning LOG_LEVEL=info bench/ab.sh SAME.py prices the access log alone.
+# One worker process each (PROCESSES=N for more; the old build must know --processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OLD=$1; D=${2:-5s}; ROUNDS=${3:-5}
@@ -20,7 +21,7 @@ start() { # module port log-level
   $PY "$1" --data-dir "$data" vault set webhook_secret bench-secret >/dev/null
   $PY "$1" --data-dir "$data" agent add echo-cmd --command '/bin/echo {message}' --generic >/dev/null
   $PY "$1" --data-dir "$data" serve --port "$2" --rate-limit off --log-level "$3" \
-    --log-file "$tmp/log-$2" --queue-size 100000 --workers 4 2>>"$tmp/serve.log" & pids+=($!)
+    --log-file "$tmp/log-$2" --queue-size 100000 --workers 4 --processes "${PROCESSES:-1}" 2>>"$tmp/serve.log" & pids+=($!)
 }
 start "$OLD" 18911 "${OLD_LOG_LEVEL:-${LOG_LEVEL:-warning}}"; start moxxy_webhooks.py 18912 "${LOG_LEVEL:-warning}"
 wait_port 18911; wait_port 18912

@@ -44,7 +44,7 @@ def main(kills: int = 20, jobs: int = 200, seconds: float = 0.3) -> None:
 
     def serve() -> tuple[subprocess.Popen, str]:
         proc = subprocess.Popen(mw + ["serve", "--port", "0", "--rate-limit", "off", "--log-level", "warning",
-                                      "--retry-base", "0.2"], stderr=subprocess.PIPE, text=True)
+                                      "--retry-base", "0.2", "--processes", "1"], stderr=subprocess.PIPE, text=True)
         for line in proc.stderr:
             m = re.search(r"listening on (http://\S+)", line)
             if m:

@@ -25,7 +25,7 @@ def one(module: str, jobs: int) -> tuple[float, float]:
     mw = [sys.executable, module, "--data-dir", data]
     subprocess.run(mw + ["vault", "set", "webhook_secret", "s"], check=True, capture_output=True)
     proc = subprocess.Popen(mw + ["serve", "--port", "0", "--rate-limit", "off", "--log-level", "warning",
-                                  "--queue-size", str(jobs + 10)], stderr=subprocess.PIPE, text=True)
+                                  "--queue-size", str(jobs + 10), "--processes", "1"], stderr=subprocess.PIPE, text=True)
     try:
         port = next(int(m.group(1)) for line in proc.stderr if (m := re.search(r"listening on http://[^:]+:(\d+)", line)))
         conn = http.client.HTTPConnection("127.0.0.1", port)

@@ -7,7 +7,7 @@ Prints how many of the 500 were refused and what /healthz answered (bench/RESULT
 import socket, subprocess, sys, re, threading, time, tempfile, http.client
 module = sys.argv[1]
 d = tempfile.mkdtemp()
-p = subprocess.Popen([sys.executable, module, "--data-dir", d, "serve", "--port", "0", "--rate-limit", "off", "--log-level", "warning", "--idle-timeout", "60"], stderr=subprocess.PIPE, text=True)
+p = subprocess.Popen([sys.executable, module, "--data-dir", d, "serve", "--port", "0", "--rate-limit", "off", "--log-level", "warning", "--idle-timeout", "60", "--processes", "1"], stderr=subprocess.PIPE, text=True)
 for line in p.stderr:
     m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
     if m: port = int(m.group(1)); break

@@ -32,7 +32,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as data:
         proc = subprocess.Popen([sys.executable, args.module, "--data-dir", data, "serve", "--port", "0",
                                  "--rate-limit", "off", "--log-level", "warning", "--idle-timeout", "60",
-                                 "--max-connections", str(args.connections + 16)], stderr=subprocess.PIPE, text=True)
+                                 "--max-connections", str(args.connections + 16), "--processes", "1"], stderr=subprocess.PIPE, text=True)
         for line in proc.stderr:
             m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
             if m:

@@ -33,9 +33,9 @@ mw agent add echo-cmd --command '/bin/echo {message}' --generic
 mw agent add slow-cmd --command "$tmp/slow.sh {message}" --generic
 cp -r "$tmp/data" "$tmp/data-n"; cp -r "$tmp/data" "$tmp/data-log"  # one server per data directory
 $PY moxxy_webhooks.py --data-dir "$tmp/data" serve --port 18901 --rate-limit off --log-level warning \
-  --queue-size 100000 --workers 4 2>"$tmp/serve.log" & pids+=($!)
+  --queue-size 100000 --workers 4 --processes 1 2>"$tmp/serve.log" & pids+=($!)
 $PY moxxy_webhooks.py --data-dir "$tmp/data-log" serve --port 18904 --rate-limit off --log-file "$tmp/access.log" \
-  --queue-size 100000 --workers 4 2>>"$tmp/serve.log" & pids+=($!)
+  --queue-size 100000 --workers 4 --processes 1 2>>"$tmp/serve.log" & pids+=($!)
 $PY moxxy_webhooks.py --data-dir "$tmp/data-n" serve --port 18906 --rate-limit off --log-level warning \
   --queue-size 100000 --workers 4 --processes "$N" 2>>"$tmp/serve.log" & pids+=($!)
 $PY bench/baseline_server.py 18902 bench-secret 2>/dev/null & pids+=($!)

@@ -69,7 +69,7 @@ class Postgres:
 
 def serve(args: list) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, MODULE] + args + ["serve", "--port", "0", "--rate-limit", "off",
-                                                               "--log-level", "warning", "--queue-size", "1000000"],
+                                                               "--log-level", "warning", "--queue-size", "1000000", "--processes", "1"],
                             stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         m = re.search(r"listening on http://[^:]+:(\d+)", line)
