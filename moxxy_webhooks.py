@@ -2382,13 +2382,17 @@ for pgid in groups:
 class ProcessGuard:
     """Command agents never outlive the gateway.
 
-    Each agent runs in its own process group. The guard registers the group with a small watcher
-    process that holds the read end of a pipe: when the gateway exits by any path (a stop, a crash,
-    ``kill -9``) the pipe closes and the watcher kills every group still registered. The watcher
-    starts with the first command agent; a spawn costs two short pipe writes (no ``preexec_fn``,
-    which is unsafe in a threaded process, and a Linux parent-death signal follows the spawning
-    thread, not the process).
+    Each agent runs in its own process group, with this gateway's token in its environment. A small
+    watcher process holds the read end of a pipe: when the gateway exits by any path (a stop, a
+    crash, ``kill -9``) the pipe closes and the watcher kills the group of every process whose
+    environment carries the token (Linux's /proc), and every group registered with it. The watcher
+    starts with the first command agent. Where /proc shows environments, a spawn tells it nothing;
+    elsewhere a spawn costs two short pipe writes that register its group (no ``preexec_fn``, which
+    is unsafe in a threaded process, and a Linux parent-death signal follows the spawning thread,
+    not the process).
     """
+
+    SCANS = os.path.exists(f"/proc/{os.getpid()}/environ")  # the watcher finds every agent by its token
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -2421,12 +2425,14 @@ class ProcessGuard:
     def add(self, pgid: int) -> None:
         with self._lock:
             self._groups.add(pgid)
-            self._tell(f"+{pgid}\n")
+            if not self.SCANS:
+                self._tell(f"+{pgid}\n")
 
     def discard(self, pgid: int) -> None:
         with self._lock:
             self._groups.discard(pgid)
-            self._tell(f"-{pgid}\n")
+            if not self.SCANS:
+                self._tell(f"-{pgid}\n")
 
     def kill_all(self) -> int:
         """Kill every running agent's process group now (a stop past its grace); return how many."""
