@@ -55,6 +55,7 @@ import queue
 import random
 import re
 import secrets
+import select
 import selectors
 import shlex
 import shutil
@@ -6688,6 +6689,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     deadline = math.inf
     busy = False
     idle_since = math.inf  # when this keep-alive connection last began waiting for a request
+    fresh = True  # no request read yet
 
     def setup(self) -> None:
         # Sockets stay blocking: every timeout is a deadline the server's watchdog enforces
@@ -6697,9 +6699,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
         super().setup()
         self.deadline = time.monotonic() + self.server.options.request_timeout
         self.server.track(self, True)
-        if isinstance(self.connection, ssl.SSLSocket):
-            # the handshake runs here, in the connection's thread, never in the accept loop
+
+    def handshake(self) -> None:
+        """The TLS handshake, in a connection thread (never in the accept loop), before the first request."""
+        if self.fresh and isinstance(self.connection, ssl.SSLSocket):
             self.connection.do_handshake()
+
+    def quiet(self) -> bool:
+        """True when no byte of a next request is already read (a pipelined request, TLS records
+        decrypted): only then can the connection wait in epoll, which sees the socket alone."""
+        conn = self.connection
+        if isinstance(conn, ssl.SSLSocket) and conn.pending():
+            return False
+        conn.setblocking(False)
+        try:
+            return not self.rfile.peek(1)
+        except OSError:  # nothing to read (a TLS record not complete), or the client went away
+            return True
+        finally:
+            conn.setblocking(True)
 
     def finish(self) -> None:
         self.server.track(self, False)
@@ -6924,12 +6942,11 @@ def tls_context(options: Options) -> ssl.SSLContext:
     return context
 
 
-class Server(http.server.ThreadingHTTPServer):
-    """A threading HTTP server with a connection cap, a request deadline watchdog and optional TLS."""
+class Server(http.server.HTTPServer):
+    """A threaded HTTP server with a connection cap, a request deadline watchdog and optional TLS."""
 
-    daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 128
+    request_queue_size = 1024  # a burst of clients connecting at once waits here, not in SYN retries
 
     def __init__(self, app: "App", host: str | None = None, port: int | None = None, sock: socket.socket | None = None):
         """Listen on ``host``:``port``, or on ``sock``, a listening socket shared by worker processes."""
@@ -6945,6 +6962,13 @@ class Server(http.server.ThreadingHTTPServer):
         self._per_client: dict = {}  # client address -> open connections
         self._slots = threading.BoundedSemaphore(self.options.max_connections)
         self._overflow = threading.BoundedSemaphore(8)  # connections over a cap read for a health check
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()  # connections with a request to read
+        self._pool_lock = threading.Lock()
+        self._pool_threads = self._waiting = self._queued = self._served = 0  # connection threads, those
+        # waiting for a connection, connections queued for them, requests served
+        self._parked: dict = {}  # fd -> Handler: idle keep-alive connections waiting in epoll
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None  # elsewhere: a thread per connection
+        self._parker: threading.Thread | None = None
         if sock is None:
             super().__init__((host, port), Handler)
         else:
@@ -7001,19 +7025,167 @@ class Server(http.server.ThreadingHTTPServer):
             self._slots.release()
             self._over_cap(request, client_address)
             return
+        handler = Handler.__new__(Handler)  # BaseRequestHandler.__init__ would serve it here and now
+        handler.request, handler.client_address, handler.server = request, client_address, self
         try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._client_slot(client_address[0], False)
-            self._slots.release()
-            raise
+            handler.setup()
+        except Exception:
+            self.handle_error(request, client_address)
+            self._close(handler)
+            return
+        if self._parking():
+            self._park(handler)  # served when its request comes, by a thread free then
+        else:
+            self._dispatch(handler)
 
-    def process_request_thread(self, request, client_address) -> None:
+    # Connections and threads. Up to BUDGET open connections, each has a thread that waits for its
+    # next request in recv(), as a threading server does. Past it, a connection between two
+    # requests waits in epoll, and a pool of about BUDGET threads serves the connections whose
+    # request has come. CPython gives the GIL to any thread that wants it: with 500 busy clients
+    # and a thread each, 500 threads wanted it, the accept loop waited seconds to start a thread
+    # and a load balancer's health check timed out. A new connection's health check is answered by
+    # the epoll thread itself. The pool grows when every thread waits on something other than the
+    # GIL (sync agents): nothing served for 50 ms while connections wait starts more threads.
+    BUDGET = 32
+    SPARE = 4  # idle connection threads kept for the next connections
+
+    def _parking(self) -> bool:
+        return self._epoll is not None and len(self._handlers) > self.BUDGET
+
+    def _dispatch(self, handler: Handler) -> None:
+        with self._pool_lock:  # a thread is started unless one waits that no earlier connection will take
+            self._queued += 1
+            start = self._queued > self._waiting and self._pool_threads < self.BUDGET
+        self._ready.put(handler)
+        if start:
+            self._start_threads(1)
+
+    def _start_threads(self, count: int) -> None:
+        with self._pool_lock:
+            self._pool_threads += count
+        for _ in range(count):
+            threading.Thread(target=self._connection_thread, name="connection", daemon=True).start()
+
+    def _connection_thread(self) -> None:
+        """Serve the connections that have a request, one after the other; exit when not needed."""
+        while True:
+            with self._pool_lock:
+                self._waiting += 1
+            try:
+                handler = self._ready.get(timeout=60.0)
+            except queue.Empty:
+                handler = False
+            with self._pool_lock:
+                self._waiting -= 1
+                if handler is False and self._queued <= self._waiting:  # a minute without a connection
+                    self._pool_threads -= 1
+                    return
+                if handler is None:  # stop()
+                    self._pool_threads -= 1
+                    return
+                self._queued -= handler is not False
+            if handler is not False:
+                self._run(handler)
+            with self._pool_lock:
+                if (self._waiting - self._queued >= self.SPARE
+                        or (self._pool_threads > self.BUDGET and self._parking())):
+                    self._pool_threads -= 1
+                    return
+
+    def _run(self, handler: Handler) -> None:
+        """Serve a connection's requests while it has a thread to itself, then park or close it."""
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._client_slot(client_address[0], False)
-            self._slots.release()
+            handler.handshake()
+            while True:
+                handler.handle_one_request()
+                handler.fresh = False
+                self._served += 1
+                if handler.close_connection:
+                    break
+                if self._parking() and handler.quiet():
+                    self._park(handler)
+                    return
+        except Exception:
+            self.handle_error(handler.request, handler.client_address)
+        self._close(handler)
+
+    def _close(self, handler: Handler) -> None:
+        with contextlib.suppress(Exception):
+            handler.finish()
+        self.shutdown_request(handler.request)
+        self._client_slot(handler.client_address[0], False)
+        self._slots.release()
+
+    def _park(self, handler: Handler) -> None:
+        """Let an idle keep-alive connection wait for its next request in epoll, without a thread."""
+        handler.idle_since = time.monotonic()
+        handler.deadline = handler.idle_since + self.options.idle_timeout  # the watchdog closes it then
+        try:
+            fd = handler.connection.fileno()
+            with self._pool_lock:
+                self._parked[fd] = handler
+                if self._parker is None:
+                    self._parker = threading.Thread(target=self._wait_parked, name="keep-alive", daemon=True)
+                    self._parker.start()
+            if getattr(handler, "registered", False):
+                self._epoll.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)
+            else:
+                self._epoll.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
+                handler.registered = True
+        except (OSError, ValueError):  # closed meanwhile (the watchdog, a stop)
+            with self._pool_lock:
+                self._parked.pop(fd, None)
+            self._close(handler)
+
+    def _wait_parked(self) -> None:
+        """The epoll thread: hand connections whose request has come to the pool; answer new
+        connections' health checks at once; start threads when the pool is stuck."""
+        served, stuck_since = -1, None
+        while not self.stopping:
+            try:
+                events = self._epoll.poll(0.05)
+            except OSError:  # closed by stop()
+                break
+            for fd, _ in events:
+                with self._pool_lock:
+                    handler = self._parked.pop(fd, None)
+                if handler is not None and not (handler.fresh and self._health_now(handler)):
+                    self._dispatch(handler)
+            waiting = self._queued > self._waiting
+            if not waiting or self._served != served:
+                served, stuck_since = self._served, None
+            elif stuck_since is None:
+                stuck_since = time.monotonic()
+            elif time.monotonic() - stuck_since >= 0.05:  # every thread waits on an agent, a commit, a client
+                self._start_threads(min(self._ready.qsize(), 8))
+                stuck_since = None
+
+    def _health_now(self, handler: Handler) -> bool:
+        """Answer a new connection's GET /healthz or /readyz in this thread: not behind the queue."""
+        if isinstance(handler.connection, ssl.SSLSocket):
+            return False
+        try:
+            head = handler.connection.recv(1024, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:
+            return False
+        lower = head.lower()
+        if not (head.startswith(HEALTH_LINES) and b"\r\n\r\n" in head and b"content-length" not in lower
+                and b"transfer-encoding" not in lower):
+            return False
+        self._run_once(handler)
+        return True
+
+    def _run_once(self, handler: Handler) -> None:
+        try:
+            handler.handle_one_request()
+            handler.fresh = False
+        except Exception:
+            self.handle_error(handler.request, handler.client_address)
+            handler.close_connection = True
+        if handler.close_connection or not handler.quiet():
+            self._close(handler) if handler.close_connection else self._dispatch(handler)
+        else:
+            self._park(handler)
 
     def _client_slot(self, address: str, take: bool) -> bool:
         """Take or give back one of a client address's connections; False when it holds its share.
@@ -7124,6 +7296,17 @@ class Server(http.server.ThreadingHTTPServer):
         deadline = time.monotonic() + grace
         while self.active() and time.monotonic() < deadline:
             time.sleep(0.01)
+        with self._pool_lock:
+            parked, self._parked = list(self._parked.values()), {}
+            threads = self._pool_threads
+        for handler in parked:  # idle keep-alive connections: closed
+            self._close(handler)
+        for _ in range(threads):  # the connection threads waiting for a connection: done
+            self._ready.put(None)
+        if self._parker is not None:
+            self._parker.join(1.0)
+        if self._epoll is not None:
+            self._epoll.close()
         self.server_close()
 
 
